@@ -1,0 +1,78 @@
+"""aesalign entry point.
+
+  python main.py --config=configs/default.py --workdir=/tmp/aesalign [--mode=all]
+
+--config is an ml_collections config file (get_config(arg); `file.py:arg` passes arg) whose
+fields can be overridden with flags such as --config.model.preset=vit_b16. The config is checked
+before anything compiles; --mode picks the stage(s) to run (all | pretrain | mine | align | eval |
+export). Multi-host platforms (Cloud TPU slices, SLURM or MPI launches) get
+jax.distributed.initialize() first.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config(arg)).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for every output; a rerun resumes from it.')
+flags.DEFINE_enum('mode', 'all', common.MODES, 'Which stage(s) to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_MULTIPROCESS_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                     'TPU_WORKER_HOSTNAMES')
+
+
+def _launched_multiprocess() -> bool:
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if int(env.get('SLURM_NTASKS', '1') or 1) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '')   # a multi-host Cloud TPU slice
+
+
+def maybe_initialize_distributed(setting: str) -> None:
+  import jax
+  if setting not in ('auto', 'on', 'off'):
+    raise ValueError(f'config.distributed.initialize={setting!r}: expected auto, on or off')
+  if setting == 'on' or (setting == 'auto' and _launched_multiprocess()):
+    jax.distributed.initialize()   # reads the coordinator from the TPU/SLURM/MPI environment
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  maybe_initialize_distributed(config.distributed.initialize)
+
+  import jax
+  from aesalign_jax import config_checks, sharding, stages
+
+  try:
+    model_cfg = config_checks.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+  except ValueError as e:
+    logging.error('refused config: %s', e)
+    print(f'error: refused config: {e}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('process %d of %d; %d devices (%d local): %s', jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].device_kind)
+  logging.info('%s', sharding.describe(mesh))
+  logging.info('model: %s', model_cfg)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  try:
+    stages.run(FLAGS.mode, config, FLAGS.workdir)
+  except stages.NotBuiltError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == '__main__':
+  app.run(main)
