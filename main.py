@@ -9,6 +9,7 @@ export). Multi-host platforms (Cloud TPU slices, SLURM or MPI launches) get
 jax.distributed.initialize() first.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -45,9 +46,20 @@ def maybe_initialize_distributed(setting: str) -> None:
     jax.distributed.initialize()   # reads the coordinator from the TPU/SLURM/MPI environment
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of orbax and XLA's backend probing; warnings still pass."""
+  NOISY = ('orbax', 'xla_bridge', 'etils')
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for handler in pylogging.getLogger().handlers + pylogging.getLogger('absl').handlers:
+    handler.addFilter(_QuietLibraries())
   config = FLAGS.config
   maybe_initialize_distributed(config.distributed.initialize)
 

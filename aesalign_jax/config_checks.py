@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from aesalign_jax import models, sharding
+from aesalign_jax import models, sharding, train
 
 
 def validate(config, num_devices: int | None = None):
@@ -26,4 +26,13 @@ def validate(config, num_devices: int | None = None):
   if config.data.source == 'world' and config.world.image_size != cfg.image_size:
     raise ValueError(f'config.world.image_size={config.world.image_size} differs from the '
                      f'model image size {cfg.image_size} (config.model)')
+  if config.align.dpo_path and not os.path.exists(config.align.dpo_path):
+    raise ValueError(f'config.align.dpo_path={config.align.dpo_path!r} does not exist')
+  train.validate(config.pretrain, 'pretrain')
+  train.validate(config.align, 'align')
+  for section in ('pretrain', 'align'):
+    per_host = config[section].batch_size
+    if per_host % jax.process_count():
+      raise ValueError(f'config.{section}.batch_size={per_host} is not divisible by the '
+                       f'{jax.process_count()} processes')
   return cfg

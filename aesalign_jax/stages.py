@@ -13,9 +13,15 @@ import os
 import time
 from typing import Callable
 
+import dataclasses
+
+import jax
 from absl import logging
 
+from aesalign_jax import checkpointing, models, sharding, train
 from aesalign_jax import tokenizer as tokenizer_lib
+from aesalign_jax.models import clip, hf
+from input_pipeline import pipeline, preference
 from input_pipeline import world as world_lib
 
 # Stages in the order of the data flow; later issues fill in the ones not built yet.
@@ -73,19 +79,152 @@ def tokenizer_stage(config, workdir: str) -> str:
   return os.path.join(workdir, 'tokenizer')
 
 
+def _model_with_tokenizer(config, tok) -> tuple:
+  """The ClipConfig for config.model, with the vocabulary and end token of the tokenizer."""
+  cfg = models.clip_config(config.model)
+  if not config.model.hf_folder:
+    if tok.vocab_size > cfg.vocab_size:
+      raise ValueError(f'the tokenizer has {tok.vocab_size} tokens, more than the model '
+                       f'vocabulary {cfg.vocab_size} (config.model.overrides.vocab_size)')
+    cfg = dataclasses.replace(cfg, eos_token_id=tok.eos_token_id)
+  return cfg
+
+
+def world_pairs_pipeline(config, world, tok, *, seed: int):
+  """Image-caption batches from the world's training split, tokenised."""
+  per_process = config.pretrain.batch_size // jax.process_count()
+  return pipeline.make_batched_source_pipeline(
+      world.split_range('train'), world.batch, batch_size=per_process, seed=seed,
+      tokenize=tok, worker_count=config.data.worker_count)
+
+
+def pretrain_stage(config, workdir: str) -> str:
+  """Contrastive pretraining (from scratch, or from config.model.hf_folder); returns the HF
+  folder of the result, which every later stage starts from."""
+  tok_folder = tokenizer_stage(config, workdir)
+  out = os.path.join(workdir, 'pretrain', 'model')
+
+  def run_pretrain(stage_dir):
+    tok = tokenizer_lib.ClipTokenizer.from_folder(tok_folder)
+    cfg = _model_with_tokenizer(config, tok)
+    _, params = models.load_or_init(config.model, config.seed)
+    if not config.model.hf_folder:
+      params = clip.init_params(cfg, config.seed)
+    world = world_lib.World(config.world)
+    mesh = sharding.make_mesh(config.mesh)
+    pairs = iter(world_pairs_pipeline(config, world, tok, seed=config.seed))
+    result = train.fit(kind='pretrain', c=config.pretrain, model_cfg=cfg, init_params=params,
+                       iterators={'pairs': pairs}, mesh=mesh, rules=config.rules,
+                       workdir=stage_dir, seed=config.seed)
+    if result.status == 'preempted':
+      raise Preempted(f'pretrain preempted at step {result.step}; rerun to resume')
+    if jax.process_index() == 0:
+      hf.save_hf_folder(cfg, jax.device_get(result.params), out)
+      tok.save(out)
+    last = result.history[-1] if result.history else {}
+    return {'steps': result.step, 'final_loss': float(last.get('loss', float('nan'))),
+            'model': out}
+
+  cached_stage('pretrain', workdir, {k: config[k].to_dict() for k in
+                                     ('model', 'tokenizer', 'world', 'pretrain', 'mesh')},
+               run_pretrain)
+  return out
+
+
+def _load_model_folder(folder: str):
+  cfg, params = hf.load_hf_folder(folder)
+  return cfg, params, tokenizer_lib.ClipTokenizer.from_folder(folder)
+
+
+def dpo_path(config, workdir: str) -> str:
+  """The D_po file: config.align.dpo_path, else the mine stage's output."""
+  return config.align.dpo_path or os.path.join(workdir, 'mine', 'dpo.arrayrecord')
+
+
+def align_stage(config, workdir: str) -> str:
+  """Ranked-DPO alignment of the pretrained model on D_po; returns the aligned HF folder."""
+  start_folder = pretrain_stage(config, workdir)
+  path = dpo_path(config, workdir)
+  c = config.align
+  groups_source = preference.open_groups(path, expect_uv=(c.u, c.v))  # refuses before compiling
+  out = os.path.join(workdir, 'align', 'model')
+
+  def run_align(stage_dir):
+    cfg, params, tok = _load_model_folder(start_folder)
+    world = world_lib.World(config.world)
+    mesh = sharding.make_mesh(config.mesh)
+    processes = jax.process_count()
+    pairs = iter(pipeline.make_batched_source_pipeline(
+        world.split_range('train'), world.batch, batch_size=c.batch_size // processes,
+        seed=config.seed + 1, tokenize=tok))
+    groups = iter(preference.make_preference_pipeline(
+        groups_source, preference.world_image_lookup(world), tok,
+        batch_size=c.groups_per_step // processes, seed=config.seed))
+    result = train.fit(kind='align', c=c, model_cfg=cfg, init_params=params,
+                       iterators={'pairs': pairs, 'groups': groups}, mesh=mesh,
+                       rules=config.rules, workdir=stage_dir, seed=config.seed)
+    if result.status == 'preempted':
+      raise Preempted(f'align preempted at step {result.step}; rerun to resume')
+    if jax.process_index() == 0:
+      hf.save_hf_folder(cfg, jax.device_get(result.params), out)
+      tok.save(out)
+    last = result.history[-1] if result.history else {}
+    return {'steps': result.step, 'groups': len(groups_source), 'model': out,
+            **{k: float(last[k]) for k in ('loss', 'dpo_loss', 'contrastive_loss',
+                                           'rewards/accuracies') if k in last}}
+
+  cached_stage('align', workdir, {'align': c.to_dict(), 'start': _fingerprint_file(start_folder),
+                                  'dpo': _fingerprint_file(path)}, run_align)
+  return out
+
+
+def _fingerprint_file(path: str) -> str:
+  """Changes when the file (or a folder's model.safetensors) changes: size and mtime."""
+  target = os.path.join(path, hf.WEIGHTS_FILE) if os.path.isdir(path) else path
+  st = os.stat(target)
+  return f'{target}:{st.st_size}:{st.st_mtime_ns}'
+
+
+def export_stage(config, workdir: str) -> str:
+  """The aligned model as a Hugging Face folder and an orbax parameter checkpoint."""
+  source = align_stage(config, workdir)
+  out = os.path.join(workdir, 'export')
+
+  def run_export(stage_dir):
+    cfg, params, tok = _load_model_folder(source)
+    hf_dir = os.path.join(stage_dir, 'hf')
+    hf.save_hf_folder(cfg, params, hf_dir)
+    tok.save(hf_dir)
+    checkpointing.save_params(os.path.join(stage_dir, 'params'), params)
+    return {'hf_folder': hf_dir, 'params': os.path.join(stage_dir, 'params')}
+
+  cached_stage('export', workdir, {'source': _fingerprint_file(source)}, run_export)
+  return out
+
+
+class Preempted(SystemExit):
+  """A stage stopped by SIGTERM after saving; exit code 0 so schedulers restart it cleanly."""
+
+  def __init__(self, message):
+    logging.warning('%s', message)
+    super().__init__(0)
+
+
 class NotBuiltError(NotImplementedError):
   """A mode whose stage is not implemented yet."""
 
 
 def run(mode: str, config, workdir: str) -> None:
-  built = {'tokenizer': tokenizer_stage}
-  wanted = ORDER if mode == 'all' else (mode,)
-  missing = [s for s in wanted if s not in built]
-  if mode != 'all' and missing:
-    raise NotBuiltError(f'--mode={mode}: this stage is not built yet (built: {sorted(built)})')
-  for stage in wanted:
-    if stage in built:
-      built[stage](config, workdir)
-  if missing:
-    logging.warning('--mode=all ran the stages built so far (%s); not built yet: %s',
-                    ', '.join(s for s in wanted if s in built), ', '.join(missing))
+  built = {'tokenizer': tokenizer_stage, 'pretrain': pretrain_stage, 'align': align_stage,
+           'export': export_stage}
+  if mode != 'all':
+    if mode not in built:
+      raise NotBuiltError(f'--mode={mode}: this stage is not built yet (built: {sorted(built)})')
+    built[mode](config, workdir)
+    return
+  for i, stage in enumerate(ORDER):
+    if stage not in built:   # later stages need this one's output
+      logging.warning('--mode=all ran the stages built so far (%s); not built yet: %s; '
+                      'not run: %s', ', '.join(ORDER[:i]), stage, ', '.join(ORDER[i + 1:]))
+      return
+    built[stage](config, workdir)

@@ -10,7 +10,7 @@ import dataclasses
 
 import ml_collections
 
-from aesalign_jax import sharding, tokenizer
+from aesalign_jax import sharding, tokenizer, train
 from aesalign_jax.models import clip
 from input_pipeline import pipeline, world
 
@@ -33,11 +33,12 @@ def model_config() -> ml_collections.ConfigDict:
   c.hf_folder = ''         # a transformers CLIPModel folder; overrides preset when set
   c.dtype = 'float32'      # compute dtype: float32 | bfloat16 (parameters stay fp32)
   c.remat = False          # rematerialise transformer blocks (saves memory, costs compute)
+  c.attention = 'auto'     # auto | einsum | fused (cuDNN on GPU); see ClipConfig
   # Shape overrides of the preset (None = the preset's value), e.g.
   # --config.model.overrides.vision_layers=2. Keys are the ClipConfig fields.
   c.overrides = ml_collections.ConfigDict({
       f.name: ml_collections.config_dict.placeholder(type(f.default))
-      for f in dataclasses.fields(clip.ClipConfig) if f.name not in ('dtype', 'remat')})
+      for f in dataclasses.fields(clip.ClipConfig) if f.name not in ('dtype', 'remat', 'attention')})
   return c
 
 
@@ -60,4 +61,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = shard.mesh       # devices per axis (data, fsdp, tensor); -1 = the rest
   c.rules = shard.rules     # logical axis name -> mesh axes
   c.distributed = distributed_config()
+  c.pretrain = train.default_config('pretrain')
+  c.align = train.default_config('align')
   return c

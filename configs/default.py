@@ -21,6 +21,11 @@ def get_config(arg: str | None = None):
   c.tokenizer.vocab_size = 1024
   c.tokenizer.context_length = 16
   c.data.source = 'world'
+  c.pretrain.steps = 1000
+  c.pretrain.batch_size = 128
+  c.pretrain.optim.lr = 1e-3
+  c.pretrain.optim.warmup_steps = 50
+  c.pretrain.checkpoint_every = 250
 
   if args.get('smoke'):
     c.world.num_train = 2048
@@ -28,4 +33,8 @@ def get_config(arg: str | None = None):
     c.tokenizer.vocab_size = 512
     c.model.overrides.vision_layers = 2
     c.model.overrides.text_layers = 2
+    c.pretrain.steps = 40
+    c.pretrain.batch_size = 64
+    c.pretrain.log_every = 10
+    c.pretrain.checkpoint_every = 20
   return c

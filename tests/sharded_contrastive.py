@@ -79,5 +79,50 @@ def main():
     }), flush=True)
 
 
+def align_step_on_meshes():
+  """The whole align train step (ranked DPO + lambda * InfoNCE, optimizer) on 8 devices."""
+  from aesalign_jax import optim, train
+  from configs import default
+  c = default.get_config('smoke').align
+  c.u, c.v, c.groups_per_step, c.batch_size = 2, 2, 8, 16
+  cfg = clip.preset('tiny', vision_layers=1, text_layers=1)
+  params = clip.init_params(cfg, seed=1)
+  rng = np.random.default_rng(1)
+  batch = {
+      'pairs': {'image': rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+                'ids': rng.integers(3, 1000, (16, 16)).astype(np.int32),
+                'eos_index': rng.integers(2, 16, (16,)).astype(np.int32)},
+      'groups': {'images': rng.integers(0, 255, (8, 4, 32, 32, 3), dtype=np.uint8),
+                 'ids': rng.integers(3, 1000, (8, 16)).astype(np.int32),
+                 'eos_index': rng.integers(2, 16, (8,)).astype(np.int32),
+                 'ref_scores': rng.normal(0, 0.1, (8, 4)).astype(np.float32)}}
+  opt, lr = optim.make_optimizer(c.optim, c.steps, params)
+  step = train.make_train_step(cfg, c, 'align', opt, lr)
+  state = train.init_state(params, opt, 0)
+  _, ref_metrics = jax.jit(step)(state, batch)
+  rules = sharding.default_config().rules
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  shardings = sharding.named(mesh, train.state_specs(jax.eval_shape(lambda: state), cfg, mesh,
+                                                    rules))
+
+  def sharded(s, b):
+    with sharding.activation_rules(mesh, rules):
+      return step(s, b)
+
+  new_state, metrics = jax.jit(sharded, in_shardings=(shardings, None),
+                               out_shardings=(shardings, None))(
+      jax.device_put(state, shardings), train.to_global(batch, mesh, rules))
+  adam = [s for s in jax.tree.leaves(new_state['opt_state'],
+                                     is_leaf=lambda x: hasattr(x, 'mu')) if hasattr(s, 'mu')][0]
+  mu_fc1 = adam.mu['vision']['transformer']['blocks'][0]['fc1']['kernel']
+  print(json.dumps({
+      'align': True,
+      'loss': float(metrics['loss']), 'ref_loss': float(ref_metrics['loss']),
+      'dpo_loss': float(metrics['dpo_loss']), 'ref_dpo_loss': float(ref_metrics['dpo_loss']),
+      'mu_fc1_spec': [str(a) for a in mu_fc1.sharding.spec]}), flush=True)
+
+
 if __name__ == '__main__':
+  if sys.argv[1:] == ['align']:
+    sys.exit(align_step_on_meshes())
   sys.exit(main())

@@ -41,13 +41,21 @@ def test_mode_not_built_exits_nonzero_naming_it(tmp_path):
   assert '--mode=mine' in out.stderr and 'not built yet' in out.stderr
 
 
-def test_all_mode_caches_stages_between_runs(tmp_path):
+def test_all_mode_runs_the_built_stages_then_skips_them_on_rerun(tmp_path):
   first = _main(workdir=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.path.exists(tmp_path / 'tokenizer' / 'stage.json')
+  assert os.path.exists(tmp_path / 'pretrain' / 'model' / 'model.safetensors')
+  assert 'step 40/40' in first.stdout
   second = _main(workdir=tmp_path)
   assert second.returncode == 0
   assert 'stage tokenizer: done before' in second.stderr
-  third = _main('--config.tokenizer.vocab_size=400', workdir=tmp_path)
-  assert third.returncode == 0
-  assert 'config changed' in third.stderr
+  assert 'stage pretrain: done before' in second.stderr
+  assert 'step 40/40' not in second.stdout
+
+
+def test_align_with_missing_dpo_file_is_refused_naming_the_key(tmp_path):
+  out = _main('--mode=align', '--config.align.dpo_path=/no/such/dpo.arrayrecord',
+              workdir=tmp_path)
+  assert out.returncode == 2
+  assert 'config.align.dpo_path' in out.stderr

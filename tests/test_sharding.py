@@ -87,3 +87,14 @@ def test_every_parameter_has_logical_axes_of_its_rank():
                                        is_leaf=lambda a: isinstance(a, tuple)),
                           is_leaf=lambda a: isinstance(a, tuple))
   assert pairs and all(a == s for a, s in pairs)
+
+
+def test_sharded_align_step_matches_one_device():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_contrastive.py'), 'align'],
+                       capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert abs(r['loss'] - r['ref_loss']) <= 1e-5 * abs(r['ref_loss']), r
+  assert abs(r['dpo_loss'] - r['ref_dpo_loss']) <= 1e-5 * abs(r['ref_dpo_loss']), r
+  assert r['mu_fc1_spec'] == ['fsdp', 'tensor']   # Adam moments shard like their weights

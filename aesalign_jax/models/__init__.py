@@ -29,7 +29,8 @@ def clip_config(model_cfg) -> clip.ClipConfig:
   if model_cfg.hf_folder and overrides:
     raise ValueError('config.model.overrides cannot change the shapes of a Hugging Face '
                      f'checkpoint ({sorted(overrides)} set with config.model.hf_folder)')
-  fields.update(overrides, dtype=model_cfg.dtype, remat=bool(model_cfg.remat))
+  fields.update(overrides, dtype=model_cfg.dtype, remat=bool(model_cfg.remat),
+                attention=model_cfg.get('attention', 'auto'))
   try:
     return clip.ClipConfig(**fields)
   except ValueError as e:

@@ -47,6 +47,9 @@ class ClipConfig:
   eos_token_id: int = 49407
   dtype: str = 'float32'      # compute dtype; parameters always fp32
   remat: bool = False         # rematerialise each transformer block in the backward pass
+  # 'einsum': plain XLA ops (compiles fastest on CPU); 'fused': jax.nn.dot_product_attention
+  # (cuDNN flash attention on GPU); 'auto': fused on GPU, einsum elsewhere.
+  attention: str = 'auto'
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -60,6 +63,8 @@ class ClipConfig:
       act = getattr(self, f'{tower}_act')
       if act not in ACTIVATIONS:
         raise ValueError(f'model.{tower}_act={act!r}: expected one of {sorted(ACTIVATIONS)}')
+    if self.attention not in ('auto', 'einsum', 'fused'):
+      raise ValueError(f'model.attention={self.attention!r}: expected auto, einsum or fused')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
       raise ValueError(f'model.dtype={self.dtype!r}: expected float32, bfloat16 or float16')
 
@@ -138,11 +143,26 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def einsum_attention(q, k, v, causal: bool):
+  """Softmax attention over [B, T, H, D] in plain XLA ops; softmax in fp32."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  if causal:
+    t = q.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def _use_fused(attention: str) -> bool:
+  return attention == 'fused' or (attention == 'auto' and jax.default_backend() == 'gpu')
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with q, k, v and out projections (all with biases, as CLIP)."""
 
-  def __init__(self, width: int, heads: int, *, rngs, dtype):
+  def __init__(self, width: int, heads: int, *, rngs, dtype, attention='auto'):
     self.heads = heads
+    self.fused = _use_fused(attention)
     self.q = Dense(width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.k = Dense(width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.v = Dense(width, width, ('embed', 'heads'), rngs=rngs, dtype=dtype)
@@ -152,18 +172,19 @@ class Attention(nnx.Module):
     b, t, w = x.shape
     split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-    # jax.nn.dot_product_attention picks a fused kernel on GPU (cuDNN) and XLA elsewhere;
-    # softmax runs in fp32 inside it for low-precision inputs.
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    if self.fused:   # cuDNN's fused kernel on GPU; softmax in fp32 inside it
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    else:            # on CPU the plain ops compile about 2x faster than the generic kernel
+      y = einsum_attention(q, k, v, causal)
     return self.out(y.reshape(b, t, w))
 
 
 class Block(nnx.Module):
   """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-  def __init__(self, width, heads, mlp, act, eps, *, rngs, dtype):
+  def __init__(self, width, heads, mlp, act, eps, *, rngs, dtype, attention):
     self.ln1 = LayerNorm(width, eps, dtype)
-    self.attn = Attention(width, heads, rngs=rngs, dtype=dtype)
+    self.attn = Attention(width, heads, rngs=rngs, dtype=dtype, attention=attention)
     self.ln2 = LayerNorm(width, eps, dtype)
     self.fc1 = Dense(width, mlp, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
     self.fc2 = Dense(mlp, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
@@ -177,9 +198,9 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
 
-  def __init__(self, width, layers, heads, mlp, act, eps, *, rngs, dtype, remat):
-    self.blocks = nnx.List([Block(width, heads, mlp, act, eps, rngs=rngs, dtype=dtype)
-                            for _ in range(layers)])
+  def __init__(self, width, layers, heads, mlp, act, eps, *, rngs, dtype, remat, attention):
+    self.blocks = nnx.List([Block(width, heads, mlp, act, eps, rngs=rngs, dtype=dtype,
+                                  attention=attention) for _ in range(layers)])
     self.remat = remat
 
   def __call__(self, x, causal: bool):
@@ -203,7 +224,7 @@ class VisionTower(nnx.Module):
     self.pre_ln = LayerNorm(w, cfg.layer_norm_eps, dtype)
     self.transformer = Transformer(w, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp,
                                    cfg.vision_act, cfg.layer_norm_eps, rngs=rngs, dtype=dtype,
-                                   remat=cfg.remat)
+                                   remat=cfg.remat, attention=cfg.attention)
     self.post_ln = LayerNorm(w, cfg.layer_norm_eps, dtype)
     self.proj = Dense(w, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, use_bias=False,
                       dtype=dtype)
@@ -232,7 +253,7 @@ class TextTower(nnx.Module):
     self.pos_embedding = _param(rngs, (cfg.context_length, w), 0.01, (None, 'embed'))
     self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
                                    cfg.text_act, cfg.layer_norm_eps, rngs=rngs, dtype=dtype,
-                                   remat=cfg.remat)
+                                   remat=cfg.remat, attention=cfg.attention)
     self.final_ln = LayerNorm(w, cfg.layer_norm_eps, dtype)
     self.proj = Dense(w, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, use_bias=False,
                       dtype=dtype)
