@@ -151,9 +151,11 @@ def make_loss_fn(cfg: clip.ClipConfig, c, kind: str):
 
   def loss_fn(params, batch, ref_params):
     params = _maybe_freeze(params, c.optim.freeze)
-    closs, caux = contrastive_loss(cfg, params, batch['pairs'], kind=c.loss,
-                                   label_smoothing=c.label_smoothing)
-    metrics = {'contrastive_loss': closs, **{f'contrastive/{k}': v for k, v in caux.items()}}
+    metrics, closs = {}, 0.0
+    if kind == 'pretrain' or c.lam > 0:   # lambda = 0: no contrastive pass at all
+      closs, caux = contrastive_loss(cfg, params, batch['pairs'], kind=c.loss,
+                                     label_smoothing=c.label_smoothing)
+      metrics = {'contrastive_loss': closs, **{f'contrastive/{k}': v for k, v in caux.items()}}
     if kind == 'pretrain':
       return closs, metrics
     groups = batch['groups']

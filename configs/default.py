@@ -37,4 +37,9 @@ def get_config(arg: str | None = None):
     c.pretrain.batch_size = 64
     c.pretrain.log_every = 10
     c.pretrain.checkpoint_every = 20
+    c.align.steps = 20
+    c.align.batch_size = 32
+    c.align.groups_per_step = 4
+    c.align.log_every = 10
+    c.align.checkpoint_every = 10
   return c

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,17 +43,69 @@ def test_mode_not_built_exits_nonzero_naming_it(tmp_path):
   assert '--mode=mine' in out.stderr and 'not built yet' in out.stderr
 
 
-def test_all_mode_runs_the_built_stages_then_skips_them_on_rerun(tmp_path):
-  first = _main(workdir=tmp_path)
+@pytest.fixture(scope='module')
+def smoke_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('smoke')
+  first = _main(workdir=workdir)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert os.path.exists(tmp_path / 'tokenizer' / 'stage.json')
-  assert os.path.exists(tmp_path / 'pretrain' / 'model' / 'model.safetensors')
+  return workdir, first
+
+
+def test_all_mode_runs_the_built_stages_then_skips_them_on_rerun(smoke_workdir):
+  workdir, first = smoke_workdir
+  assert os.path.exists(workdir / 'tokenizer' / 'stage.json')
+  assert os.path.exists(workdir / 'pretrain' / 'model' / 'model.safetensors')
   assert 'step 40/40' in first.stdout
-  second = _main(workdir=tmp_path)
+  second = _main(workdir=workdir)
   assert second.returncode == 0
   assert 'stage tokenizer: done before' in second.stderr
   assert 'stage pretrain: done before' in second.stderr
   assert 'step 40/40' not in second.stdout
+
+
+def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, tmp_path):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  from aesalign_jax import embed
+  from aesalign_jax.models import hf
+  from aesalign_jax.tokenizer import ClipTokenizer
+  from configs import default
+  from input_pipeline import preference, world as world_lib
+  workdir, _ = smoke_workdir
+  model_dir = str(workdir / 'pretrain' / 'model')
+  cfg, params = hf.load_hf_folder(model_dir)
+  embedder = embed.Embedder(cfg, params, ClipTokenizer.from_folder(model_dir))
+  world = world_lib.World(default.get_config('smoke').world)
+  lookup = preference.world_image_lookup(world)
+  groups = preference.world_groups(
+      world, world.mining_queries[:40], u=5, v=5, rng=0,
+      ref_score_fn=lambda texts, ids: embedder.group_scores(
+          texts, np.stack([lookup(list(r)) for r in ids])))
+  dpo = str(tmp_path / 'dpo.arrayrecord')
+  preference.write_groups(dpo, groups)
+  out = _main('--mode=export', f'--config.align.dpo_path={dpo}', workdir=workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'step 20/20' in out.stdout and 'rewards/accuracies' in out.stdout
+  export = workdir / 'export'
+  import torch
+  import transformers
+  model = transformers.CLIPModel.from_pretrained(str(export / 'hf')).eval()
+  aligned_cfg, aligned = hf.load_hf_folder(str(export / 'hf'))
+  assert aligned_cfg == cfg
+  assert not np.array_equal(aligned['logit_scale'], params['logit_scale']) or any(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(aligned), jax.tree.leaves(params)))
+  from aesalign_jax import checkpointing
+  restored = checkpointing.load_params(str(export / 'params'))
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(aligned)):
+    np.testing.assert_array_equal(a, b)
+  ids = torch.tensor(ClipTokenizer.from_folder(str(export / 'hf'))(['a red circle'])['ids'],
+                     dtype=torch.long)
+  with torch.no_grad():
+    theirs = model.get_text_features(input_ids=ids)
+  ours = embed.Embedder(aligned_cfg, aligned, ClipTokenizer.from_folder(str(export / 'hf')))
+  theirs = theirs.pooler_output if hasattr(theirs, 'pooler_output') else theirs
+  theirs = theirs.numpy() / np.linalg.norm(theirs.numpy(), axis=-1, keepdims=True)
+  np.testing.assert_allclose(ours.texts(['a red circle']), theirs, atol=1e-4)
 
 
 def test_align_with_missing_dpo_file_is_refused_naming_the_key(tmp_path):
