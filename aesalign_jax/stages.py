@@ -10,15 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
 import dataclasses
+import functools
+from typing import Optional
 
 import jax
+import numpy as np
 from absl import logging
 
-from aesalign_jax import checkpointing, models, sharding, train
+from aesalign_jax import checkpointing, embed, mining, models, rephrase, sharding, train
+from aesalign_jax.aesthetics import iap, lowlevel, world_iap
+from aesalign_jax.retrieval import index as retrieval_index
 from aesalign_jax import tokenizer as tokenizer_lib
 from aesalign_jax.models import clip, hf
 from input_pipeline import pipeline, preference
@@ -33,6 +39,9 @@ def _fingerprint(sections: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_REPORTED: set = set()
+
+
 def cached_stage(name: str, workdir: str, sections: dict, fn: Callable[[str], dict]) -> dict:
   """Runs fn(stage_dir) unless stage.json there has the same config fingerprint."""
   stage_dir = os.path.join(workdir, name)
@@ -42,10 +51,22 @@ def cached_stage(name: str, workdir: str, sections: dict, fn: Callable[[str], di
     with open(marker, encoding='utf-8') as f:
       done = json.load(f)
     if done.get('fingerprint') == fingerprint:
-      logging.info('stage %s: done before (%s), skipped', name, marker)
+      if (marker, fingerprint) not in _REPORTED:   # later stages ask again for their inputs
+        logging.info('stage %s: done before (%s), skipped', name, marker)
+        _REPORTED.add((marker, fingerprint))
       return done['summary']
     logging.info('stage %s: config changed since the last run, redoing it', name)
+  started = os.path.join(stage_dir, 'stage.started.json')
+  if os.path.exists(started):
+    with open(started, encoding='utf-8') as f:
+      if json.load(f).get('fingerprint') != fingerprint:
+        # Outputs and checkpoints of another config must not be resumed from.
+        logging.info('stage %s: clearing %s (written with another config)', name, stage_dir)
+        shutil.rmtree(stage_dir)
   os.makedirs(stage_dir, exist_ok=True)
+  if not os.path.exists(started):
+    with open(started, 'w', encoding='utf-8') as f:
+      json.dump({'fingerprint': fingerprint}, f)
   start = time.time()
   logging.info('stage %s: started', name)
   summary = fn(stage_dir)
@@ -136,9 +157,133 @@ def _load_model_folder(folder: str):
   return cfg, params, tokenizer_lib.ClipTokenizer.from_folder(folder)
 
 
+def aesthetic_stage(config, workdir: str) -> Optional[str]:
+  """The aesthetic model for re-ranking: config.aesthetics.iap.weights, or (world) an IAP head
+  trained on simulated ratings over the pretrained model's embeddings; its report compares it
+  with the low-level score. Returns the weights file (None for the low-level scorer)."""
+  if config.aesthetics.kind == 'lowlevel':
+    return None
+  if config.aesthetics.iap.weights:
+    return config.aesthetics.iap.weights
+  model_folder = pretrain_stage(config, workdir)
+  out = os.path.join(workdir, 'aesthetic', 'iap.safetensors')
+
+  def run_iap(stage_dir):
+    cfg, params, tok = _load_model_folder(model_folder)
+    embedder = embed.Embedder(cfg, params, tok)
+    world = world_lib.World(config.world)
+    head, report = world_iap.train_world_iap(world, embedder.images, config.world_iap)
+    iap.save_params(out, head)
+    logging.info('IAP head on world ratings: Spearman vs ground truth %.3f (low-level score '
+                 '%.3f) on %d held-out images', report['iap_spearman_vs_truth'],
+                 report['lowlevel_spearman_vs_truth'], report['test_images'])
+    return report
+
+  cached_stage('aesthetic', workdir, {'model': _fingerprint_file(model_folder),
+                                      'world_iap': config.world_iap.to_dict(),
+                                      'world': config.world.to_dict()}, run_iap)
+  return out
+
+
+class WorldTruth:
+  """Ground truth for corpus rows whose ids are world indices (mining summary)."""
+
+  def __init__(self, world, ids):
+    self.world, self.index = world, np.asarray([int(i) for i in ids])
+
+  def aesthetic(self, rows):
+    return self.world.aesthetic(self.index[rows])
+
+  def relevant(self, query, rows):
+    q = self._queries[query]
+    return np.asarray(self.world.is_relevant(q, self.index[rows]))
+
+  @functools.cached_property
+  def _queries(self):
+    return {q.text: q for q in self.world.queries}
+
+
+def corpus_index(config, workdir: str, cfg, params) -> tuple[np.ndarray, np.ndarray]:
+  """The reference model's corpus embeddings: config.mine.embeddings_dir, else built (and
+  resumed shard by shard) under workdir/mine/index from the world's training images."""
+  if config.mine.embeddings_dir:
+    return retrieval_index.load_index(config.mine.embeddings_dir, dtype=np.float32)
+  world = world_lib.World(config.world)
+  rows = world.split_indices('train')[:config.mine.corpus_size]
+  folder = os.path.join(workdir, 'mine', 'index')
+  retrieval_index.embed_corpus(
+      retrieval_index.image_embed_fn(cfg, params), lambda r: world.render_batch(rows[r]),
+      rows.astype(str), folder, fingerprint=retrieval_index.fingerprint_params(params),
+      batch_size=512)
+  return retrieval_index.load_index(folder, dtype=np.float32)
+
+
+def mine_stage(config, workdir: str) -> str:
+  """Rephrase, retrieve, re-rank and write D_po (aesalign_jax/mining.py); returns its path."""
+  model_folder = pretrain_stage(config, workdir)
+  iap_weights = aesthetic_stage(config, workdir)
+  out = os.path.join(workdir, 'mine', 'dpo.arrayrecord')
+  u, v = config.align.u, config.align.v
+  mining.validate(config.mine, u, v)
+
+  def run_mine(stage_dir):
+    cfg, params, tok = _load_model_folder(model_folder)
+    world = world_lib.World(config.world)
+    corpus, ids = corpus_index(config, workdir, cfg, params)
+    queries = [q.text for q in world.mining_queries]
+    if config.mine.max_queries > 0:
+      queries = queries[:config.mine.max_queries]
+    with rephrase.make_rephraser(config.rephrase,
+                                 os.path.join(stage_dir, 'rephrase_cache.jsonl')) as rephraser:
+      rephrased = rephraser.rephrase_batch(queries)
+    if iap_weights:
+      head, activation = iap.load_params(iap_weights)
+      aesthetic_fn = lambda rows: np.asarray(iap.apply(head, corpus[rows],
+                                                       activation=activation))
+    else:
+      scorer = lowlevel.LowLevelScorer()
+      aesthetic_fn = lambda rows: scorer.score(world.render_batch(ids[rows].astype(int)))
+    embedder = embed.Embedder(cfg, params, tok)
+    result = mining.mine(queries, rephrased.texts, text_embed=embedder.texts, corpus=corpus,
+                         ids=ids, aesthetic_fn=aesthetic_fn, c=config.mine, u=u, v=v,
+                         truth=WorldTruth(world, ids))
+    preference.write_groups(out, result.groups)
+    summary = {**result.summary, 'rephrase': rephrased.summary(), 'dpo_path': out}
+    with open(os.path.join(stage_dir, 'summary.json'), 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+    _print_mining_summary(summary)
+    return summary
+
+  cached_stage('mine', workdir, {'model': _fingerprint_file(model_folder),
+                                 'iap': iap_weights and _fingerprint_file(iap_weights),
+                                 'mine': config.mine.to_dict(), 'rephrase': config.rephrase.to_dict(),
+                                 'uv': [u, v], 'world': config.world.to_dict()}, run_mine)
+  return out
+
+
+def _print_mining_summary(s: dict) -> None:
+  r = s['rephrase']
+  lines = [f"mining: {s['queries']} queries, {r['fallbacks']} rephrase fallbacks, "
+           f"{s['records']} records ({len(s['skipped'])} skipped), {s['pairs']} pairs, "
+           f"{s['seconds']:.1f} s"]
+  top = [k for k in s if k.endswith('_gt_aesthetic_original')]
+  if top:
+    n = top[0].split('_')[0]
+    lines.append(f"  {n} ground-truth aesthetic: original queries "
+                 f"{s[f'{n}_gt_aesthetic_original']:.3f}, rephrased "
+                 f"{s[f'{n}_gt_aesthetic_rephrased']:.3f} (relevance "
+                 f"{s[f'{n}_relevance_original']:.3f} -> {s[f'{n}_relevance_rephrased']:.3f})")
+    lines.append(f"  mined images on topic: {s['mined_on_topic_fraction']:.3f} (row 0: "
+                 f"{s['mined_row0_on_topic_fraction']:.3f}); pairs whose preferred image is "
+                 f"truly more aesthetic: {s['pairs_preferred_truly_more_aesthetic']:.3f}")
+  for line in lines:
+    logging.info('%s', line)
+    print(line, flush=True)
+
+
 def dpo_path(config, workdir: str) -> str:
-  """The D_po file: config.align.dpo_path, else the mine stage's output."""
-  return config.align.dpo_path or os.path.join(workdir, 'mine', 'dpo.arrayrecord')
+  """The D_po file: config.align.dpo_path, else the mine stage's output (mined if needed)."""
+  return config.align.dpo_path or mine_stage(config, workdir)
 
 
 def align_stage(config, workdir: str) -> str:
@@ -215,8 +360,8 @@ class NotBuiltError(NotImplementedError):
 
 
 def run(mode: str, config, workdir: str) -> None:
-  built = {'tokenizer': tokenizer_stage, 'pretrain': pretrain_stage, 'align': align_stage,
-           'export': export_stage}
+  built = {'tokenizer': tokenizer_stage, 'pretrain': pretrain_stage, 'mine': mine_stage,
+           'align': align_stage, 'export': export_stage}
   if mode != 'all':
     if mode not in built:
       raise NotBuiltError(f'--mode={mode}: this stage is not built yet (built: {sorted(built)})')

@@ -21,7 +21,6 @@ import optax
 from aesalign_jax import losses, metrics, optim, train
 from aesalign_jax.models import clip
 from benchmarks.timing import interleaved_medians
-from configs import default
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -62,11 +61,12 @@ def _pairwise_step(cfg, c, tx, online: bool):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def compare(groups: int, repeats: int) -> dict:
-  c = default.get_config().align
+def compare(groups: int, repeats: int, cfg: clip.ClipConfig | None = None,
+            peak_gflops: float | None = None) -> dict:
+  c = train.default_config('align')
   c.u = c.v = 5
   c.lam = 0.0
-  cfg = clip.preset('tiny')
+  cfg = cfg or clip.preset('tiny')
   params = clip.init_params(cfg)
   tx, lr = optim.make_optimizer(c.optim, 100, params)
   n = c.u * c.v
@@ -74,14 +74,15 @@ def compare(groups: int, repeats: int) -> dict:
   k, l = np.nonzero(mask)
   pairs = groups * len(k)
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (groups, n, 32, 32, 3), dtype=np.uint8)
+  size = cfg.image_size
+  images = rng.integers(0, 255, (groups, n, size, size, 3), dtype=np.uint8)
   ids = rng.integers(0, 1000, (groups, cfg.context_length)).astype(np.int32)
   eos = np.full((groups,), cfg.context_length - 1, np.int32)
   ref = rng.normal(0, 0.1, (groups, n)).astype(np.float32)
 
   # Listwise: the align train step itself, with the contrastive term switched off.
   list_step = jax.jit(train.make_train_step(cfg, c, 'align', tx, lr), donate_argnums=(0,))
-  empty_pairs = {'image': np.zeros((0, 32, 32, 3), np.uint8),
+  empty_pairs = {'image': np.zeros((0, size, size, 3), np.uint8),
                  'ids': np.zeros((0, cfg.context_length), np.int32),
                  'eos_index': np.zeros((0,), np.int32)}
   list_batch = {'pairs': empty_pairs, 'groups': {'images': images, 'ids': ids,
@@ -111,7 +112,7 @@ def compare(groups: int, repeats: int) -> dict:
                            'pairwise_online_ref': run_pair(pwo, pair_online)},
                           warmup=1, repeats=repeats)
   flops = metrics.clip_flops(cfg, images=groups * n, texts=groups)
-  peak = matmul_peak_gflops()
+  peak = peak_gflops or matmul_peak_gflops()
   return {
       'groups': groups, 'pairs_per_step': pairs, 'u': c.u, 'v': c.v,
       'listwise_s': t['listwise'], 'pairwise_s': t['pairwise'],

@@ -10,7 +10,9 @@ import dataclasses
 
 import ml_collections
 
-from aesalign_jax import sharding, tokenizer, train
+from aesalign_jax import aesthetics, mining, rephrase, sharding, tokenizer, train
+from aesalign_jax.aesthetics import world_iap
+from aesalign_jax.evaluation import hpir_world
 from aesalign_jax.models import clip
 from input_pipeline import pipeline, world
 
@@ -61,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = shard.mesh       # devices per axis (data, fsdp, tensor); -1 = the rest
   c.rules = shard.rules     # logical axis name -> mesh axes
   c.distributed = distributed_config()
+  c.aesthetics = aesthetics.default_config()
+  c.world_iap = world_iap.default_config()
+  c.rephrase = rephrase.default_config()
+  c.mine = mining.default_config()
+  c.hpir_world = hpir_world.default_config()
   c.pretrain = train.default_config('pretrain')
   c.align = train.default_config('align')
   return c

@@ -20,24 +20,9 @@ CONTRASTIVE_RISE_BOUND = 0.15   # nats of held-out InfoNCE the regularised run m
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp('align')
-  config = default.get_config('smoke')
-  world = world_lib.World(config.world, num_train=20000, num_eval=2000)
-  tok = tokenizer.train_bpe(world.captions(np.arange(5000)), vocab_size=400,
-                            folder=str(root / 'tok'), context_length=16)
-  cfg = clip.preset('tiny', vision_layers=2, text_layers=2, vocab_size=400,
-                    eos_token_id=tok.eos_token_id)
-  c = config.pretrain
-  c.steps, c.batch_size, c.log_every, c.checkpoint_every = 200, 64, 100, 1000
-  c.optim.lr, c.optim.warmup_steps = 1e-3, 30
-  mesh = sharding.make_mesh(config.mesh)
-  pairs = iter(pipeline.make_batched_source_pipeline(
-      world.split_range('train'), world.batch, batch_size=64, seed=0, tokenize=tok))
-  pre = train.fit(kind='pretrain', c=c, model_cfg=cfg, init_params=clip.init_params(cfg),
-                  iterators={'pairs': pairs}, mesh=mesh, rules=config.rules,
-                  workdir=str(root / 'pretrain'))
-  params = jax.device_get(pre.params)
+def setup(pretrained_world_model):
+  s = dict(pretrained_world_model)
+  world, tok, cfg, params = s['world'], s['tok'], s['cfg'], s['params']
   embedder = embed.Embedder(cfg, params, tok)
   lookup = preference.world_image_lookup(world)
   ref_fn = lambda texts, ids: embedder.group_scores(
@@ -48,9 +33,9 @@ def setup(tmp_path_factory):
                                     ref_score_fn=ref_fn, rng=1, split='eval')
   eval_batch = world.batch(world.split_indices('eval')[:256])
   eval_pairs = {'image': eval_batch['image'], **tok(list(eval_batch['caption']))}
-  return dict(root=root, config=config, world=world, tok=tok, cfg=cfg, params=params,
-              mesh=mesh, lookup=lookup, train_groups=train_groups, heldout=heldout,
-              eval_pairs=eval_pairs)
+  s.update(config=default.get_config('smoke'), lookup=lookup, train_groups=train_groups,
+           heldout=heldout, eval_pairs=eval_pairs)
+  return s
 
 
 def _heldout_metrics(s, params, c):
@@ -82,7 +67,8 @@ def _align(lam: float):
       s['world'].split_range('train'), s['world'].batch, batch_size=64, seed=1,
       tokenize=s['tok']))
   out = train.fit(kind='align', c=c, model_cfg=s['cfg'], init_params=s['params'],
-                  iterators={'pairs': pairs, 'groups': groups}, mesh=s['mesh'],
+                  iterators={'pairs': pairs, 'groups': groups},
+                  mesh=sharding.make_mesh(s['config'].mesh),
                   rules=s['config'].rules, workdir=str(s['root'] / f'align_{lam}'))
   return _heldout_metrics(s, out.params, c), out.history
 

@@ -1,5 +1,7 @@
 """Configs that cannot run are refused before anything compiles, naming the key."""
 
+import os
+
 import pytest
 
 from aesalign_jax import config_checks, stages
@@ -64,3 +66,26 @@ def test_a_stage_that_crashes_leaves_no_done_marker(tmp_path):
   with pytest.raises(RuntimeError):
     stages.cached_stage('s', str(tmp_path), {'a': 1}, boom)
   assert not (tmp_path / 's' / 'stage.json').exists()
+
+
+def test_a_changed_config_clears_the_stage_outputs_of_the_old_one(tmp_path):
+  def write(stage_dir):
+    open(os.path.join(stage_dir, 'checkpoint'), 'a').close()
+    return {}
+  stages.cached_stage('s', str(tmp_path), {'a': 1}, write)
+  (tmp_path / 's' / 'stale').write_text('from config a=1')
+  stages.cached_stage('s', str(tmp_path), {'a': 2}, write)
+  assert not (tmp_path / 's' / 'stale').exists()
+  assert (tmp_path / 's' / 'checkpoint').exists()
+
+
+def test_a_crashed_stage_resumes_in_its_own_folder(tmp_path):
+  def crash(stage_dir):
+    (tmp_path / 's' / 'partial').write_text('progress')
+    raise RuntimeError('killed')
+  with pytest.raises(RuntimeError):
+    stages.cached_stage('s', str(tmp_path), {'a': 1}, crash)
+  seen = []
+  stages.cached_stage('s', str(tmp_path), {'a': 1},
+                      lambda d: seen.append(os.path.exists(os.path.join(d, 'partial'))) or {})
+  assert seen == [True]

@@ -38,9 +38,9 @@ def test_bad_model_shape_is_refused_naming_the_key(tmp_path):
 
 
 def test_mode_not_built_exits_nonzero_naming_it(tmp_path):
-  out = _main('--mode=mine', workdir=tmp_path)
+  out = _main('--mode=eval', workdir=tmp_path)
   assert out.returncode == 3, out.stderr[-2000:]
-  assert '--mode=mine' in out.stderr and 'not built yet' in out.stderr
+  assert '--mode=eval' in out.stderr and 'not built yet' in out.stderr
 
 
 @pytest.fixture(scope='module')

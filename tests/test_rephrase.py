@@ -177,6 +177,25 @@ def test_lexicon_is_deterministic_across_processes_and_hash_seeds():
     assert json.loads(out.stdout) == here
 
 
+# Pinned outputs: the keyword choice must never drift (mined data sets depend on it).
+GOLDEN = {
+    "detail": "a red circle on a striped background, well exposed, harmonious colours, "
+              "well composed, high quality, smooth, beautiful",
+    "k_list": "a red circle on a striped background, in focus, minimal, well exposed",
+    "kw_dict": "a red circle on a striped background, colour: matching colours, "
+               "mood: stunning, style: minimal",
+    "repeat": "a red circle on a striped background, a red circle on a striped background, "
+              "stunning, noise-free",
+    "reorg": "a red circle on a striped background, high quality, well framed, well exposed, "
+             "matching colours, beautiful",
+}
+
+
+@pytest.mark.parametrize("style", AESTHETIC_STYLES)
+def test_lexicon_outputs_are_pinned(style):
+  assert rephrase_query("a red circle on a striped background", style) == GOLDEN[style]
+
+
 def test_lexicon_choice_depends_on_query_and_seed():
   details = {rephrase_query(q.text, "detail").split(", ", 1)[1]
              for q in world_text.all_queries()[:60]}

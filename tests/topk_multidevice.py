@@ -12,6 +12,7 @@ import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
+os.environ['JAX_PLATFORMS'] = 'cpu'   # the fake devices are CPU ones, also on a GPU host
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

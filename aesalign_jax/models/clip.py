@@ -329,8 +329,11 @@ def _skeleton(cfg: ClipConfig):
 
 
 def init_params(cfg: ClipConfig, seed: int = 0) -> dict:
-  """Random parameters as a nested dict of fp32 arrays (initialised under jit: fast)."""
-  return jax.jit(lambda: _pure(nnx.state(create(cfg, seed), nnx.Param)))()
+  """Random parameters as a nested dict of fp32 arrays.
+
+  Eager, not jitted: XLA took minutes to compile the whole random init of ViT-B/16 on a GPU.
+  """
+  return _pure(nnx.state(create(cfg, seed), nnx.Param))
 
 
 def abstract_params(cfg: ClipConfig) -> dict:

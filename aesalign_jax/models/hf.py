@@ -147,6 +147,9 @@ def config_to_hf(cfg: ClipConfig) -> dict:
           'max_position_embeddings': cfg.context_length, 'hidden_act': cfg.text_act,
           'layer_norm_eps': cfg.layer_norm_eps, 'projection_dim': cfg.embed_dim,
           'eos_token_id': cfg.eos_token_id,
+          # CLIP's start token sits just below its end token (OpenAI's 49406/49407, and the
+          # last two ids of our trained BPE); transformers warns on an out-of-vocabulary default.
+          'bos_token_id': cfg.eos_token_id - 1,
       },
       'vision_config': {
           'model_type': 'clip_vision_model', 'image_size': cfg.image_size,

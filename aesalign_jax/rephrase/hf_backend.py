@@ -32,9 +32,6 @@ class HFBackend:
   def __init__(self, folder: str | os.PathLike, *, device: str = "cpu",
                max_new_tokens: int = 64, batch_size: int = 16, k: int = 3,
                dtype: str = "auto"):
-    import torch
-    import transformers
-
     folder = os.fspath(folder)
     if not os.path.isfile(os.path.join(folder, "config.json")):
       raise FileNotFoundError(f"rephrase.model: {folder!r} is not a transformers model folder "
@@ -46,6 +43,9 @@ class HFBackend:
       raise ValueError(f"rephrase.batch_size must be >= 1; got {batch_size}")
     if dtype not in _DTYPES:
       raise ValueError(f"rephrase.dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    import torch  # only now: the checks above need neither torch nor transformers
+    import transformers
+
     self.model = os.path.abspath(folder)
     self.max_new_tokens = int(max_new_tokens)
     self.batch_size = int(batch_size)

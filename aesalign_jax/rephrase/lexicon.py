@@ -7,8 +7,9 @@ embedded world uses, so its core vocabulary is the world's own positive aestheti
 them when the image really is good, so a pretrained model links them to good looks and a
 query that states them retrieves better-looking images (the paper's first finding).
 
-Keyword choice is seeded by a SHA-256 of (seed, style, query), never Python's hash(), so a
-query gets the same rephrasing in every process and run.
+Keyword choice is seeded by SHA-256 of (seed, style, query), never Python's hash() or
+random's generators, so a query gets the same rephrasing in every process, run and Python
+version.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 from collections.abc import Mapping, Sequence
 
@@ -92,9 +92,11 @@ def _load_dictionary(path: str) -> dict[str, tuple[str, ...]]:
   return out
 
 
-def _rng(seed: int, style: str, query: str) -> random.Random:
-  digest = hashlib.sha256(f"{int(seed)}\x1f{style}\x1f{query}".encode()).digest()
-  return random.Random(int.from_bytes(digest[:8], "big"))
+def _shuffled(items, *salt) -> list:
+  """`items` in an order fixed by SHA-256 of (salt, item): the same in every process and
+  Python version (random.Random's algorithms may change between versions; hash() is salted)."""
+  prefix = "\x1f".join(str(s) for s in salt)
+  return sorted(items, key=lambda item: hashlib.sha256(f"{prefix}\x1f{item}".encode()).digest())
 
 
 def _contains(text: str, phrase: str) -> bool:
@@ -104,10 +106,11 @@ def _contains(text: str, phrase: str) -> bool:
 class _Picker:
   """Draws keywords per aspect in a seeded order, skipping those the query already says."""
 
-  def __init__(self, dictionary, query, rng):
-    self._left = {a: [w for w in rng.sample(list(ws), len(ws)) if not _contains(query, w)]
+  def __init__(self, dictionary, query, style, seed):
+    salt = (int(seed), style, query)
+    self._left = {a: [w for w in _shuffled(ws, *salt, a) if not _contains(query, w)]
                   for a, ws in dictionary.items()}
-    self.aspect_order = rng.sample(list(ASPECTS), len(ASPECTS))
+    self.aspect_order = _shuffled(ASPECTS, *salt, "aspects")
 
   def one(self, aspect: str) -> str | None:
     left = self._left[aspect]
@@ -150,7 +153,7 @@ def rephrase_query(query: str, style: str, *, k: int = 3, seed: int = 0,
   query = " ".join(str(query).split()).rstrip(" .,;:")
   if style == "original" or not query:
     return query
-  words = _Picker(dictionary or CORE_KEYWORDS, query, _rng(seed, style, query))
+  words = _Picker(dictionary or CORE_KEYWORDS, query, style, seed)
   if style == "detail":
     return _join(query, *(words.one(a) for a in ASPECTS))
   if style == "k_list":

@@ -121,13 +121,14 @@ def topk(queries, corpus, k: int, *, chunk_size: int = 65536, query_chunk: int =
     approx: per-chunk jax.lax.approx_max_k instead of exact top_k (fast on TPU; exact
       elsewhere, where XLA falls back to a sort); the merge is always exact.
     recall_target: approx_max_k's expected recall.
-    precision: matmul precision ('highest' keeps float32 scores exact on TPU, whose default
-      is one bf16 pass; 'default' is faster there).
+    precision: matmul precision: 'highest' keeps float32 scores exact on TPU and GPU (whose
+      defaults are one bf16 pass and TF32); 'default' is faster there, and ranks near-ties
+      less exactly.
 
   Returns:
     (scores float32 [Q, k], rows int64 [Q, k]), best first; rows index the corpus.
   """
-  q = jnp.asarray(queries, jnp.float32) if not isinstance(queries, jax.Array) else queries
+  q = jnp.asarray(queries).astype(jnp.float32)
   if q.ndim != 2 or corpus.ndim != 2 or q.shape[1] != corpus.shape[1]:
     raise ValueError(f'topk: queries {tuple(q.shape)} and corpus {tuple(corpus.shape)} must be '
                      f'[Q, D] and [N, D] with the same D')
@@ -147,7 +148,6 @@ def topk(queries, corpus, k: int, *, chunk_size: int = 65536, query_chunk: int =
   query_chunk = max(1, min(int(query_chunk), num_q))
   step = _step_fn(mesh, chunk_size, k, bool(approx), float(recall_target), precision)
 
-  q = q.astype(jnp.float32)
   blocks = []
   for start in range(0, num_q, query_chunk):
     block = q[start:start + query_chunk]

@@ -1,0 +1,154 @@
+"""Mining D_po (PAPER.md, "Building the partially ordered set D_po"), one group per query:
+
+  1. q' = rephrase(q)                            (aesalign_jax.rephrase)
+  2. the top K corpus images for q', by the reference model (aesalign_jax.retrieval)
+  3. ordered by semantic relevance to the ORIGINAL q (reference similarity to q): q' only
+     widens the net; ordering by q' lets groups drift off the subject
+  4. u*v of them picked with a stride: positions 0, s, 2s, ... (K >= s*u*v); row i holds
+     the i-th run of v consecutive picks, so rows are ordered by semantics
+  5. each row sorted by aesthetic score, best first, so columns are ordered by aesthetics
+  6. written through input_pipeline.preference (the D_po record), with the reference scores
+     of the ORIGINAL query against each image for DPO.
+
+`mine` is pure computation over embeddings; the stage (aesalign_jax.stages) wires the model,
+corpus index, rephraser and aesthetic model to it. An optional `truth` (the embedded world)
+adds what only a world with known answers can measure: the paper's first finding (top-10
+ground-truth aesthetic of rephrased vs original queries), the fraction of mined images that
+match their query, and the fraction of preference pairs whose preferred image is truly better.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Protocol, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from aesalign_jax import losses
+from aesalign_jax.retrieval import search
+from input_pipeline import preference
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Config section `mine` (u and v come from config.align: the grid the trainer expects)."""
+  c = ml_collections.ConfigDict()
+  c.top_k = 200             # K: images retrieved per rephrased query
+  c.stride = 4              # s: pick positions 0, s, 2s, ... of the semantic order
+  c.corpus_size = 50_000    # world: the first N training images form the retrieval corpus
+  c.embeddings_dir = ''     # an existing corpus index (retrieval.index); '' = build one
+  c.chunk_size = 65_536     # corpus rows per top-K chunk on device
+  c.approx = False          # jax.lax.approx_max_k (fast on TPU) instead of exact top-K
+  c.max_queries = -1        # -1: every mining query
+  c.summary_top = 10        # top-n of the first-finding measurement (world only)
+  return c
+
+
+def validate(c, u: int, v: int) -> None:
+  if c.stride <= 0:
+    raise ValueError(f'config.mine.stride={c.stride} must be > 0')
+  if c.top_k < c.stride * u * v:
+    raise ValueError(f'config.mine.top_k={c.top_k} < config.mine.stride ({c.stride}) * '
+                     f'config.align.u ({u}) * config.align.v ({v}) = {c.stride * u * v}: '
+                     'the stride pick needs that many retrieved images')
+
+
+class Truth(Protocol):
+  """What a world with known answers can tell about corpus rows (for the summary only)."""
+
+  def aesthetic(self, rows: np.ndarray) -> np.ndarray: ...
+  def relevant(self, query: str, rows: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class MiningResult:
+  groups: list
+  summary: dict
+
+
+def grid_pick(order: np.ndarray, aesthetic: np.ndarray, u: int, v: int, stride: int):
+  """Positions into the candidate list: stride-picked from the semantic order, then each of
+  the u rows (runs of v picks) sorted by aesthetic score, best first. [u * v], grid order."""
+  picks = order[:stride * u * v:stride].reshape(u, v)
+  within = np.argsort(-aesthetic[picks], axis=1, kind='stable')
+  return np.take_along_axis(picks, within, axis=1).reshape(-1)
+
+
+def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callable,
+         corpus: np.ndarray, ids: np.ndarray, aesthetic_fn: Callable[[np.ndarray], np.ndarray],
+         c, u: int, v: int, mesh=None, truth: Optional[Truth] = None) -> MiningResult:
+  """Groups for `queries` (with their rephrasings) against a corpus index.
+
+  text_embed: list[str] -> unit vectors [Q, D] (the reference model);
+  corpus: [N, D] reference image embeddings, ids: [N] corpus ids;
+  aesthetic_fn: corpus rows [M] -> aesthetic scores [M] (higher = better).
+  """
+  validate(c, u, v)
+  start = time.time()
+  need = c.stride * u * v
+  q_emb = text_embed(list(queries))
+  r_emb = text_embed(list(rephrased))
+  k = min(c.top_k, len(corpus))
+  _, cand = search.topk(r_emb, corpus, k, chunk_size=c.chunk_size, mesh=mesh, approx=c.approx)
+  groups, skipped = [], []
+  for qi, query in enumerate(queries):
+    rows = cand[qi]
+    rows = rows[(rows >= 0) & (rows < len(corpus))]
+    rows = np.unique(rows)   # approximate top-K may repeat a row
+    if len(rows) < need:
+      skipped.append({'query': query, 'reason': f'{len(rows)} results < {need} needed'})
+      continue
+    semantic = corpus[rows].astype(np.float32) @ q_emb[qi]   # relevance to the ORIGINAL query
+    order = np.argsort(-semantic, kind='stable')
+    aesthetic = np.asarray(aesthetic_fn(rows), np.float64)
+    grid = grid_pick(order, aesthetic, u, v, c.stride)
+    meta = {'corpus_rows': rows[grid].tolist()}
+    if truth is not None:
+      meta['gt_aesthetic'] = truth.aesthetic(rows[grid]).tolist()
+      meta['gt_relevant'] = truth.relevant(query, rows[grid]).astype(int).tolist()
+    groups.append(preference.PreferenceGroup(
+        query=query, rephrased_query=rephrased[qi], image_ids=[str(i) for i in ids[rows[grid]]],
+        aesthetic_scores=aesthetic[grid].tolist(),
+        semantic_scores=semantic[grid].astype(np.float64).tolist(),
+        ref_scores=semantic[grid].astype(np.float64).tolist(), u=u, v=v, stride=c.stride,
+        meta=meta))
+  if skipped:
+    logging.warning('mining: %d queries skipped (too few results): %s', len(skipped),
+                    '; '.join(s['query'] for s in skipped[:10]))
+  summary = {'queries': len(queries), 'records': len(groups), 'skipped': skipped,
+             'pairs_per_record': int(losses.pair_mask(u, v, 'product').sum()),
+             'pairs': int(losses.pair_mask(u, v, 'product').sum()) * len(groups),
+             'top_k': k, 'stride': c.stride, 'u': u, 'v': v}
+  if truth is not None:
+    summary.update(_world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, mesh, truth))
+  summary['seconds'] = round(time.time() - start, 2)
+  return MiningResult(groups, summary)
+
+
+def _world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, mesh, truth) -> dict:
+  """The first finding, on-topic rate and pair correctness, from the world's ground truth."""
+  n = min(c.summary_top, len(corpus))
+  _, top_plain = search.topk(q_emb, corpus, n, chunk_size=c.chunk_size, mesh=mesh)
+  _, top_reph = search.topk(r_emb, corpus, n, chunk_size=c.chunk_size, mesh=mesh)
+  mean_gt = lambda tops: float(np.mean([truth.aesthetic(t).mean() for t in tops]))
+  rel = lambda tops: float(np.mean([truth.relevant(q, t).mean() for q, t in zip(queries, tops)]))
+  mask = losses.pair_mask(u, v, 'product')
+  right = total = 0
+  for g in groups:
+    gt = np.asarray(g.meta['gt_aesthetic'])
+    better = gt[:, None] > gt[None, :]
+    right += int((better & mask).sum())
+    total += int(mask.sum())
+  on_topic = [np.mean(g.meta['gt_relevant']) for g in groups]
+  row0_on_topic = [np.mean(g.meta['gt_relevant'][:v]) for g in groups]
+  return {
+      f'top{n}_gt_aesthetic_original': mean_gt(top_plain),
+      f'top{n}_gt_aesthetic_rephrased': mean_gt(top_reph),
+      f'top{n}_relevance_original': rel(top_plain),
+      f'top{n}_relevance_rephrased': rel(top_reph),
+      'mined_on_topic_fraction': float(np.mean(on_topic)) if groups else float('nan'),
+      'mined_row0_on_topic_fraction': float(np.mean(row0_on_topic)) if groups else float('nan'),
+      'pairs_preferred_truly_more_aesthetic': right / total if total else float('nan'),
+  }
