@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from aesalign_jax.models import clip
-from input_pipeline import images as images_lib
+from aesalign_jax.retrieval import index
 
 
 class Embedder:
@@ -23,11 +22,9 @@ class Embedder:
   def __init__(self, cfg: clip.ClipConfig, params, tokenizer, *, batch_size: int = 256):
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.batch_size = batch_size
-    mean = jnp.asarray(images_lib.CLIP_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(images_lib.CLIP_STD, jnp.float32) * 255.0
-    self._image_fn = jax.jit(lambda p, x: clip.bind(cfg, p).encode_image(
-        (x.astype(jnp.float32) - mean) / std))
-    self._text_fn = jax.jit(lambda p, ids, eos: clip.bind(cfg, p).encode_text(ids, eos))
+    self._image_fn = index.image_embed_fn(cfg, params)
+    text_fn = jax.jit(lambda p, ids, eos: clip.bind(cfg, p).encode_text(ids, eos))
+    self._text_fn = lambda ids, eos: text_fn(params, ids, eos)
 
   def _batched(self, fn, n: int, *arrays) -> np.ndarray:
     out = []
@@ -36,7 +33,7 @@ class Embedder:
       pad = self.batch_size - len(chunk[0])   # one compiled shape for every batch
       if pad:
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
-      out.append(np.asarray(fn(self.params, *chunk))[:self.batch_size - pad])
+      out.append(np.asarray(fn(*chunk))[:self.batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0, self.cfg.embed_dim), np.float32)
 
   def images(self, images_uint8: np.ndarray) -> np.ndarray:

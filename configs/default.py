@@ -28,6 +28,12 @@ def get_config(arg: str | None = None):
   c.pretrain.optim.lr = 1e-3
   c.pretrain.optim.warmup_steps = 50
   c.pretrain.checkpoint_every = 250
+  c.align.steps = 200
+  c.align.batch_size = 64
+  c.align.groups_per_step = 8
+  c.align.log_every = 25
+  c.align.checkpoint_every = 100
+  c.mine.corpus_size = 20_000
 
   if args.get('smoke'):
     c.world.num_train = 2048
