@@ -75,6 +75,7 @@ def cached_stage(name: str, workdir: str, sections: dict, fn: Callable[[str], di
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump({'fingerprint': fingerprint, 'summary': summary}, f, indent=2)
   os.replace(tmp, marker)   # the marker appears only once the stage's outputs are complete
+  _REPORTED.add((marker, fingerprint))
   logging.info('stage %s: finished in %.1f s: %s', name, summary['seconds'], summary)
   return summary
 

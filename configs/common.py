@@ -12,7 +12,8 @@ import ml_collections
 
 from aesalign_jax import aesthetics, mining, rephrase, sharding, tokenizer, train
 from aesalign_jax.aesthetics import world_iap
-from aesalign_jax.evaluation import hpir_world
+from aesalign_jax.evaluation import common as evals_common
+from aesalign_jax.evaluation import hpir_world, judge
 from aesalign_jax.models import clip
 from input_pipeline import pipeline, world
 
@@ -68,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rephrase = rephrase.default_config()
   c.mine = mining.default_config()
   c.hpir_world = hpir_world.default_config()
+  c.evals = evals_common.default_config()
+  c.evals.judge = judge.default_config()
   c.pretrain = train.default_config('pretrain')
   c.align = train.default_config('align')
   return c

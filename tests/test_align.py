@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from aesalign_jax import embed, sharding, tokenizer, train
-from aesalign_jax.models import clip
+from aesalign_jax import embed, sharding, train
 from configs import default
-from input_pipeline import pipeline, preference, world as world_lib
+from input_pipeline import pipeline, preference, world_groups
 
 flags.FLAGS.mark_as_parsed()
 
@@ -27,9 +26,9 @@ def setup(pretrained_world_model):
   lookup = preference.world_image_lookup(world)
   ref_fn = lambda texts, ids: embedder.group_scores(
       texts, np.stack([lookup(list(row)) for row in ids]))
-  train_groups = preference.world_groups(world, world.mining_queries, u=U, v=V,
+  train_groups = world_groups.world_groups(world, world.mining_queries, u=U, v=V,
                                          ref_score_fn=ref_fn, rng=0, split='train')
-  heldout = preference.world_groups(world, world.eval_queries[:48], u=U, v=V,
+  heldout = world_groups.world_groups(world, world.eval_queries[:48], u=U, v=V,
                                     ref_score_fn=ref_fn, rng=1, split='eval')
   eval_batch = world.batch(world.split_indices('eval')[:256])
   eval_pairs = {'image': eval_batch['image'], **tok(list(eval_batch['caption']))}

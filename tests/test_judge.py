@@ -451,7 +451,7 @@ def test_openai_judge_parses_answers_retries_and_counts_failures(server, caplog,
 def test_openai_request_carries_the_query_and_both_groups_as_png_data_urls(server):
   judge = judge_lib.make_judge(_config(server, max_images_per_group=3, image_detail="low"))
   tops_1, tops_2 = _groups(1, k=4, side=16)
-  result = judge_systems(judge, ["ok bright"], tops_1, tops_2)
+  result = judge_systems(judge, ["ok bright"], tops_1, tops_2, max_concurrency=1)  # in order
   assert result["num_judged"] == 1 and len(server.bodies) == 2
   body = server.bodies[0]
   assert body["model"] == "tiny-vision" and body["temperature"] == 0.0
@@ -474,7 +474,7 @@ def test_openai_request_carries_the_query_and_both_groups_as_png_data_urls(serve
 def test_openai_images_can_be_resized_tiled_or_read_from_paths(server, tmp_path):
   judge = judge_lib.make_judge(_config(server, image_side=64, as_grid=True))
   tops_1, tops_2 = _groups(1, k=4, side=16)
-  judge_systems(judge, ["ok bright"], tops_1, tops_2)
+  judge_systems(judge, ["ok bright"], tops_1, tops_2, max_concurrency=1)
   images = _group_images(server.bodies[0]["messages"][1]["content"])
   # 3 images of 64 px in a 2 x 2 grid with 2-pixel gaps; the empty cell is white.
   assert [len(images["A"]), len(images["B"])] == [1, 1]

@@ -70,14 +70,14 @@ def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, 
   from aesalign_jax.models import hf
   from aesalign_jax.tokenizer import ClipTokenizer
   from configs import default
-  from input_pipeline import preference, world as world_lib
+  from input_pipeline import preference, world as world_lib, world_groups
   workdir, _ = smoke_workdir
   model_dir = str(workdir / 'pretrain' / 'model')
   cfg, params = hf.load_hf_folder(model_dir)
   embedder = embed.Embedder(cfg, params, ClipTokenizer.from_folder(model_dir))
   world = world_lib.World(default.get_config('smoke').world)
   lookup = preference.world_image_lookup(world)
-  groups = preference.world_groups(
+  groups = world_groups.world_groups(
       world, world.mining_queries[:40], u=5, v=5, rng=0,
       ref_score_fn=lambda texts, ids: embedder.group_scores(
           texts, np.stack([lookup(list(r)) for r in ids])))

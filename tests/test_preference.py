@@ -15,6 +15,7 @@ from array_record.python import array_record_module
 from aesalign_jax import losses
 from aesalign_jax import tokenizer as tokenizer_lib
 from input_pipeline import preference as pref
+from input_pipeline import world_groups as world_groups_lib
 from input_pipeline.world import World
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
@@ -36,7 +37,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def groups(world):
-  return pref.world_groups(world, world.mining_queries[:24], u=U, v=V, stride=2,
+  return world_groups_lib.world_groups(world, world.mining_queries[:24], u=U, v=V, stride=2,
                            ref_score_fn=fake_reference, rng=0)
 
 
@@ -190,7 +191,7 @@ def test_semantic_grades_are_full_exactly_when_the_world_says_relevant(world):
   scene = world.scene(indices)
   queries = world.queries[::5]
   for query, relevant in zip(queries, world.relevance(queries, indices)):
-    grade, full = pref.semantic_grades(query, scene)
+    grade, full = world_groups_lib.semantic_grades(query, scene)
     np.testing.assert_array_equal(grade == full, relevant)
     assert grade.min() == 0 and set(np.unique(grade)) == set(range(full + 1))
 
@@ -215,7 +216,7 @@ def test_world_groups_are_in_grid_order(world, groups):
     assert (semantic[-1] == 0).all() and (semantic[0] == 1).all()
     np.testing.assert_array_equal(
         group.ref_scores, fake_reference([group.query], [group.image_ids])[0])
-  again = pref.world_groups(world, world.mining_queries[:24], u=U, v=V, stride=2,
+  again = world_groups_lib.world_groups(world, world.mining_queries[:24], u=U, v=V, stride=2,
                             ref_score_fn=fake_reference, rng=0)
   assert again == groups  # deterministic in rng
 

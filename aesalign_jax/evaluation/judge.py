@@ -377,12 +377,12 @@ def judge_systems(judge: Judge, queries: Sequence, tops_1: Sequence, tops_2: Seq
     logger.warning("judge %s: %d of %d queries excluded for a failed call; first: %r (%s)",
                    getattr(judge, "name", "?"), failures, len(queries), first["query"],
                    "; ".join(r for r in first["reasons"] if r))
-  rates = {}
-  for a in aspects:
-    c = counts[a]
-    rate = (lambda n: n / judged) if judged else (lambda n: None)
-    rates[a] = dict(win=rate(c["win"]), similar=rate(c["similar"]), lose=rate(c["lose"]),
-                    win_plus_similar=rate(c["win"] + c["similar"]), counts=dict(c))
+  def rate(n: int) -> float | None:
+    return n / judged if judged else None
+
+  rates = {a: dict(win=rate(c["win"]), similar=rate(c["similar"]), lose=rate(c["lose"]),
+                   win_plus_similar=rate(c["win"] + c["similar"]), counts=dict(c))
+           for a, c in counts.items()}
   return dict(judge=getattr(judge, "name", type(judge).__name__), aspects=list(aspects),
               num_queries=len(queries), num_judged=judged, failures=failures,
               failed_calls=failed_calls, rates=rates, per_query=per_query)

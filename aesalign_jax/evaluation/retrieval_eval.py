@@ -27,7 +27,7 @@ device once. With a mesh, each image chunk's rows are split over all its devices
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Recall cut-offs reported (R@k for each k).
   c.ks = (1, 5, 10)
   # Scores within this of the right candidate's count as ties (see the module docstring).
-  c.tie_tol = 1e-5
+  c.tie_tol = 1e-6
   return c
 
 
@@ -89,8 +89,17 @@ def _block_fn(mesh: Optional[Mesh], tie_tol: float):
   if mesh is None:
     return jax.jit(block)
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(tuple(mesh.axis_names)))
+  # Counts come back replicated (a few ints per row), so every process can read them.
   return jax.jit(block, in_shardings=(rep, rep, rep, rep, rows, rep, rows, rows),
-                 out_shardings=(rep, rep, rows, rows))
+                 out_shardings=(rep, rep, rep, rep))
+
+
+def _put(x: np.ndarray, *, mesh: Optional[Mesh], spec: P):
+  """A host array (the same on every process) onto the mesh with `spec`; each process
+  supplies its own devices' slices, so this works on a multi-host mesh too."""
+  if mesh is None:
+    return jnp.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 def _padded(x: np.ndarray, size: int, fill=0) -> np.ndarray:
@@ -102,7 +111,7 @@ def _padded(x: np.ndarray, size: int, fill=0) -> np.ndarray:
 
 def retrieval_metrics(img_emb, txt_emb, txt_to_img, *, text_chunk: int = 2048,
                       image_chunk: int = 8192, ks: Sequence[int] = (1, 5, 10),
-                      tie_tol: float = 1e-5, mesh: Optional[Mesh] = None) -> dict[str, float]:
+                      tie_tol: float = 1e-6, mesh: Optional[Mesh] = None) -> dict[str, float]:
   """Text-to-image and image-to-text recall@k and mean rank (see the module docstring).
 
   Args:
@@ -139,9 +148,9 @@ def retrieval_metrics(img_emb, txt_emb, txt_to_img, *, text_chunk: int = 2048,
   ndev = 1 if mesh is None else mesh.size
   ct = max(1, min(int(text_chunk), m))
   ci = -(-max(1, min(int(image_chunk), n)) // ndev) * ndev   # a multiple of the devices
-  # The score of each text with its own image, and each image's best own caption. Computed
-  # once here; the blocks compare against them within tie_tol, so the matmul's rounding in a
-  # block never decides a comparison.
+  # The score of each text with its own image, and each image's best own caption, computed
+  # once here in float64. The blocks compare every wrong pair's score against them; the right
+  # pair itself is masked out by index, never compared with its own (rounded) score.
   s_txt = np.einsum('md,md->m', txt.astype(np.float64), img[gt].astype(np.float64))
   s_txt = s_txt.astype(np.float32)
   best_img = np.full(n, -np.inf, np.float32)
@@ -149,9 +158,8 @@ def retrieval_metrics(img_emb, txt_emb, txt_to_img, *, text_chunk: int = 2048,
   has_text = np.zeros(n, bool)
   has_text[gt] = True
 
-  put_rep = (lambda x: jax.device_put(x, NamedSharding(mesh, P()))) if mesh else jnp.asarray
-  put_rows = ((lambda x: jax.device_put(x, NamedSharding(mesh, P(tuple(mesh.axis_names)))))
-              if mesh else jnp.asarray)
+  put_rep = functools.partial(_put, mesh=mesh, spec=P())
+  put_rows = functools.partial(_put, mesh=mesh, spec=P(tuple(mesh.axis_names)) if mesh else P())
   text_blocks = []
   for start in range(0, m, ct):
     sl = slice(start, start + ct)
@@ -160,26 +168,26 @@ def retrieval_metrics(img_emb, txt_emb, txt_to_img, *, text_chunk: int = 2048,
         _padded(np.ones(len(gt[sl]), bool), ct, False), _padded(s_txt[sl], ct))))
 
   block = _block_fn(mesh, float(tie_tol))
-  t_greater, t_ties = np.zeros(m, np.int64), np.zeros(m, np.int64)
-  i_greater, i_ties = np.zeros(n, np.int64), np.zeros(n, np.int64)
+  # Counts accumulate on device (int32: at most N or M per row), fetched once at the end, so
+  # the host never waits on a block while the next ones are dispatched.
+  t_acc = [None] * len(text_blocks)
+  i_acc = []
   for istart in range(0, n, ci):
     isl = slice(istart, istart + ci)
     live = len(img[isl])
     img_block = put_rows(_padded(img[isl], ci))
     img_ok = put_rows(_padded(np.ones(live, bool), ci, False))
     best_block = put_rows(_padded(best_img[isl], ci))
-    row0 = np.int32(istart)
-    gi, ti = [], []
+    i_sum = None
     for j, (tb, tgt, tok, tst) in enumerate(text_blocks):
-      out = block(tb, tgt, tok, tst, img_block, row0, img_ok, best_block)
-      tsl = slice(j * ct, j * ct + ct)
-      live_t = len(t_greater[tsl])
-      t_greater[tsl] += np.asarray(out[0])[:live_t]
-      t_ties[tsl] += np.asarray(out[1])[:live_t]
-      gi.append(out[2])
-      ti.append(out[3])
-    i_greater[isl] += np.sum([np.asarray(g) for g in gi], axis=0)[:live]
-    i_ties[isl] += np.sum([np.asarray(t) for t in ti], axis=0)[:live]
+      out = block(tb, tgt, tok, tst, img_block, np.int32(istart), img_ok, best_block)
+      t_acc[j] = out[:2] if t_acc[j] is None else (t_acc[j][0] + out[0], t_acc[j][1] + out[1])
+      i_sum = out[2:] if i_sum is None else (i_sum[0] + out[2], i_sum[1] + out[3])
+    i_acc.append((i_sum, live))
+  t_greater = np.concatenate([np.asarray(g) for g, _ in t_acc])[:m].astype(np.int64)
+  t_ties = np.concatenate([np.asarray(t) for _, t in t_acc])[:m].astype(np.int64)
+  i_greater = np.concatenate([np.asarray(g)[:live] for (g, _), live in i_acc]).astype(np.int64)
+  i_ties = np.concatenate([np.asarray(t)[:live] for (_, t), live in i_acc]).astype(np.int64)
 
   out: dict[str, float] = {}
   for prefix, greater, ties in (('t2i', t_greater, t_ties),

@@ -27,6 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from aesalign_jax.aesthetics import lowlevel as lowlevel_lib
 from aesalign_jax.evaluation import common
 from aesalign_jax.retrieval import search
 
@@ -79,7 +80,8 @@ class TopK:
 def pairwise_diversity(topk_emb: np.ndarray) -> np.ndarray:
   """Per query, the mean cosine distance 1 - cos(a, b) over the k(k-1)/2 pairs of its
   top-k embeddings [Q, k, D]; [Q] float64 (NaN when k < 2)."""
-  e = common.l2_normalize(np.asarray(topk_emb, np.float64)).astype(np.float64)
+  e = np.asarray(topk_emb, np.float64)
+  e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
   q, k = e.shape[:2]
   if k < 2:
     return np.full(q, np.nan)
@@ -154,7 +156,6 @@ def world_scorers(world, corpus_indices: np.ndarray, *, lowlevel=True,
   out: dict[str, RowScorer] = {'ground_truth': lambda rows: world.aesthetic(idx[rows])}
   if lowlevel is not False:
     if lowlevel is True:
-      from aesalign_jax.aesthetics import lowlevel as lowlevel_lib  # pylint: disable=g-import-not-at-top
       lowlevel = lowlevel_lib.LowLevelScorer()
     scorer = lowlevel
     out[scorer.name if getattr(scorer, 'name', '') else 'lowlevel'] = (
@@ -179,7 +180,7 @@ class TopKQualityEvaluator(common.Evaluator):
     self.results: dict[str, TopK] = {}
 
   def _corpus(self):
-    """(queries, load_images(rows), corpus size, ids, relevance, default scorers)."""
+    """(queries, load_images(rows), corpus size, ids, relevance, default scorers, cache key)."""
     c = self.config
     if c.source == 'world':
       world = self.need('world')

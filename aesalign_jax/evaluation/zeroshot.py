@@ -68,7 +68,7 @@ def default_config(task: str = 'world_shape') -> ml_collections.ConfigDict:
   # Evaluate at most this many images (0 = all), embedding batch_size at a time.
   c.max_images = 0
   c.batch_size = 256
-  c.tie_tol = 1e-5
+  c.tie_tol = 1e-6
   return c
 
 
@@ -89,7 +89,7 @@ def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray],
 
 
 def zeroshot_accuracy(img_emb, labels, class_emb, *, ks: Sequence[int] = (1, 5),
-                      tie_tol: float = 1e-5, chunk: int = 8192) -> dict[str, float]:
+                      tie_tol: float = 1e-6, chunk: int = 8192) -> dict[str, float]:
   """{'top1', 'top5'} (one key per k; k is capped at the number of classes) of classifying
   `img_emb` [N, D] by cosine similarity with `class_emb` [C, D]; labels int [N] in [0, C)."""
   img = np.asarray(img_emb, np.float32)
@@ -179,11 +179,13 @@ class ZeroShotEvaluator(common.Evaluator):
   def _world(self, system):
     c, world = self.config, self.need('world')
     idx, labels, names = world_task(world, c.task, c.split, c.single_object, c.max_images)
-    key = f'world:{c.split}:{c.task}:{c.single_object}:{len(idx)}'
-    img = self.cache.get(system, key, lambda: np.concatenate([
-        system.embed_images(world.render_batch(idx[s:s + c.batch_size]))
-        for s in range(0, len(idx), c.batch_size)]))
-    return img, labels, names
+    # The whole split is embedded (the key other world evaluators use), so every world
+    # evaluator shares one embedding of it per model.
+    split = world.split_indices(c.split)
+    img = self.cache.get(system, f'world:{c.split}:{len(split)}', lambda: np.concatenate([
+        system.embed_images(world.render_batch(split[s:s + c.batch_size]))
+        for s in range(0, len(split), c.batch_size)]))
+    return img[idx - split[0]], labels, names
 
   def _tfds(self, system):
     from input_pipeline import sources  # pylint: disable=g-import-not-at-top
