@@ -120,10 +120,13 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    # As a 2-D matmul over all leading dims: XLA's CPU backward of a [B, T, W] x [W, O] dot
+    # was 1.6x slower than the same dot on [B*T, W].
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return y.reshape(lead + (y.shape[-1],))
 
 
 class LayerNorm(nnx.Module):
@@ -144,13 +147,18 @@ class LayerNorm(nnx.Module):
 
 
 def einsum_attention(q, k, v, causal: bool):
-  """Softmax attention over [B, T, H, D] in plain XLA ops; softmax in fp32."""
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  """Softmax attention over [B, T, H, D] in plain XLA ops; softmax in fp32.
+
+  Heads are moved ahead of time ([B, H, T, D]) so both products are plain batched matmuls:
+  on CPU that compiled to a backward about 2x faster than the 4-D einsums.
+  """
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+  logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) * q.shape[-1] ** -0.5
   if causal:
-    t = q.shape[1]
+    t = q.shape[2]
     logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  return (weights @ v).transpose(0, 2, 1, 3)
 
 
 def _use_fused(attention: str) -> bool:
