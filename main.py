@@ -79,11 +79,7 @@ def main(argv):
   logging.info('%s', sharding.describe(mesh))
   logging.info('model: %s', model_cfg)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  try:
-    stages.run(FLAGS.mode, config, FLAGS.workdir)
-  except stages.NotBuiltError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
+  stages.run(FLAGS.mode, config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mine = mining.default_config()
   c.hpir_world = hpir_world.default_config()
   c.evals = evals_common.default_config()
-  c.evals.judge = judge.default_config()
+  c.judge = judge.default_config()
   c.pretrain = train.default_config('pretrain')
   c.align = train.default_config('align')
   return c

@@ -21,6 +21,7 @@ from PIL import Image
 from aesalign_jax.evaluation import judge as judge_lib
 from aesalign_jax.evaluation.judge import Group, judge_systems
 from aesalign_jax.evaluation.judge_openai import OpenAIJudge, parse_verdict
+from loopback import send_json, serving
 
 A, B, S = "A", "B", "similar"
 
@@ -370,27 +371,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._send(200, json.dumps(answer).encode())
 
   def _send(self, status, payload, headers=()):
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(payload)))
-    for name, value in dict(headers).items():
-      self.send_header(name, value)
-    self.end_headers()
-    self.wfile.write(payload)
+    send_json(self, status, payload, headers)
 
 
 @pytest.fixture
 def server(monkeypatch):
-  for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-               "ALL_PROXY"):
-    monkeypatch.delenv(name, raising=False)
-  monkeypatch.setenv(KEY_ENV, KEY)
-  srv = FakeLMM()
-  thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-  thread.start()
-  yield srv
-  srv.shutdown()
-  srv.server_close()
+  with serving(FakeLMM(), monkeypatch, KEY_ENV, KEY) as srv:
+    yield srv
 
 
 def _config(server, **overrides):

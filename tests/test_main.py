@@ -37,10 +37,10 @@ def test_bad_model_shape_is_refused_naming_the_key(tmp_path):
   assert 'config.model.vision_width=130' in out.stderr
 
 
-def test_mode_not_built_exits_nonzero_naming_it(tmp_path):
-  out = _main('--mode=eval', workdir=tmp_path)
-  assert out.returncode == 3, out.stderr[-2000:]
-  assert '--mode=eval' in out.stderr and 'not built yet' in out.stderr
+def test_unknown_mode_is_refused_naming_it(tmp_path):
+  out = _main('--mode=report', workdir=tmp_path)
+  assert out.returncode != 0
+  assert 'report' in out.stderr and 'mode' in out.stderr
 
 
 @pytest.fixture(scope='module')
@@ -51,16 +51,33 @@ def smoke_workdir(tmp_path_factory):
   return workdir, first
 
 
-def test_all_mode_runs_the_built_stages_then_skips_them_on_rerun(smoke_workdir):
+def test_all_mode_runs_every_stage_then_skips_them_on_rerun(smoke_workdir):
   workdir, first = smoke_workdir
-  assert os.path.exists(workdir / 'tokenizer' / 'stage.json')
-  assert os.path.exists(workdir / 'pretrain' / 'model' / 'model.safetensors')
-  assert 'step 40/40' in first.stdout
+  for stage in ('tokenizer', 'pretrain', 'aesthetic', 'mine', 'align', 'eval', 'export'):
+    assert os.path.exists(workdir / stage / 'stage.json'), stage
+  assert 'step 40/40' in first.stdout and 'step 20/20' in first.stdout
+  assert 'mining: 60 queries' in first.stdout
   second = _main(workdir=workdir)
   assert second.returncode == 0
-  assert 'stage tokenizer: done before' in second.stderr
-  assert 'stage pretrain: done before' in second.stderr
+  for stage in ('tokenizer', 'pretrain', 'mine', 'align', 'eval', 'export'):
+    assert f'stage {stage}: done before' in second.stderr, stage
   assert 'step 40/40' not in second.stdout
+
+
+def test_report_has_every_number_finite_for_the_three_systems(smoke_workdir):
+  import json
+  workdir, _ = smoke_workdir
+  report = json.loads((workdir / 'eval' / 'report.json').read_text())
+  assert sorted(report['metrics']) == ['PT', 'PT+rephrase', 'aligned']
+  for system, metrics in report['metrics'].items():
+    for key in ('retrieval/t2i_r1', 'zeroshot_shape/top1', 'hpir/aesthetic',
+                'topk_quality/aesthetic/ground_truth', 'topk_quality/aesthetic/iap'):
+      assert np.isfinite(metrics[key]), (system, key)
+    assert all(np.isfinite(v) for v in metrics.values()), system
+  for comparison in ('aligned vs PT', 'aligned vs PT+rephrase'):
+    rates = report['judge'][comparison]['rates']['aesthetic']
+    assert abs(rates['win'] + rates['similar'] + rates['lose'] - 1) < 1e-9
+  assert '| hpir/aesthetic |' in (workdir / 'eval' / 'report.md').read_text()
 
 
 def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, tmp_path):

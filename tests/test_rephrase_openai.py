@@ -12,6 +12,7 @@ import time
 import pytest
 
 from aesalign_jax import rephrase
+from loopback import send_json, serving
 
 KEY_ENV = "AESALIGN_TEST_LLM_KEY"
 KEY = "sk-test-9f8e7d6c5b4a-secret"
@@ -92,28 +93,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._send(200, json.dumps(answer).encode())
 
   def _send(self, status, payload, headers=()):
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(payload)))
-    for name, value in dict(headers).items():
-      self.send_header(name, value)
-    self.end_headers()
-    self.wfile.write(payload)
+    send_json(self, status, payload, headers)
 
 
 @pytest.fixture
 def server(monkeypatch):
-  for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-               "ALL_PROXY"):
-    monkeypatch.delenv(name, raising=False)
-  monkeypatch.setenv(KEY_ENV, KEY)
-  srv = FakeLLM()
-  thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-  thread.start()
-  yield srv
-  srv.release.set()
-  srv.shutdown()
-  srv.server_close()
+  with serving(FakeLLM(), monkeypatch, KEY_ENV, KEY) as srv:
+    yield srv
 
 
 def _config(server, **overrides):
