@@ -120,6 +120,17 @@ def world_pairs_pipeline(config, world, tok, *, seed: int):
       tokenize=tok, worker_count=config.data.worker_count)
 
 
+def _save_trained(kind: str, result, cfg, tok, out: str) -> dict:
+  """Writes a finished run's model (HF folder + tokenizer); returns its last logged metrics.
+  A preempted run exits 0 instead, so the scheduler's restart resumes it."""
+  if result.status == 'preempted':
+    raise Preempted(f'{kind} preempted at step {result.step}; rerun to resume')
+  if jax.process_index() == 0:
+    hf.save_hf_folder(cfg, jax.device_get(result.params), out)
+    tok.save(out)
+  return result.history[-1] if result.history else {}
+
+
 def pretrain_stage(config, workdir: str) -> str:
   """Contrastive pretraining (from scratch, or from config.model.hf_folder); returns the HF
   folder of the result, which every later stage starts from."""
@@ -138,12 +149,7 @@ def pretrain_stage(config, workdir: str) -> str:
     result = train.fit(kind='pretrain', c=config.pretrain, model_cfg=cfg, init_params=params,
                        iterators={'pairs': pairs}, mesh=mesh, rules=config.rules,
                        workdir=stage_dir, seed=config.seed)
-    if result.status == 'preempted':
-      raise Preempted(f'pretrain preempted at step {result.step}; rerun to resume')
-    if jax.process_index() == 0:
-      hf.save_hf_folder(cfg, jax.device_get(result.params), out)
-      tok.save(out)
-    last = result.history[-1] if result.history else {}
+    last = _save_trained('pretrain', result, cfg, tok, out)
     return {'steps': result.step, 'final_loss': float(last.get('loss', float('nan'))),
             'model': out}
 
@@ -309,12 +315,7 @@ def align_stage(config, workdir: str) -> str:
     result = train.fit(kind='align', c=c, model_cfg=cfg, init_params=params,
                        iterators={'pairs': pairs, 'groups': groups}, mesh=mesh,
                        rules=config.rules, workdir=stage_dir, seed=config.seed)
-    if result.status == 'preempted':
-      raise Preempted(f'align preempted at step {result.step}; rerun to resume')
-    if jax.process_index() == 0:
-      hf.save_hf_folder(cfg, jax.device_get(result.params), out)
-      tok.save(out)
-    last = result.history[-1] if result.history else {}
+    last = _save_trained('align', result, cfg, tok, out)
     return {'steps': result.step, 'groups': len(groups_source), 'model': out,
             **{k: float(last[k]) for k in ('loss', 'dpo_loss', 'contrastive_loss',
                                            'rewards/accuracies') if k in last}}

@@ -34,3 +34,11 @@ def serving(server, monkeypatch, key_env: str, key: str):
       release.set()
     server.shutdown()
     server.server_close()
+
+
+def chat_answer(content: str, finish_reason: str = "stop") -> bytes:
+  """The body of an OpenAI /v1/chat/completions answer carrying `content`."""
+  import json
+  return json.dumps({"id": "x", "object": "chat.completion", "choices": [
+      {"index": 0, "finish_reason": finish_reason,
+       "message": {"role": "assistant", "content": content}}]}).encode()

@@ -21,7 +21,7 @@ from PIL import Image
 from aesalign_jax.evaluation import judge as judge_lib
 from aesalign_jax.evaluation.judge import Group, judge_systems
 from aesalign_jax.evaluation.judge_openai import OpenAIJudge, parse_verdict
-from loopback import send_json, serving
+from loopback import chat_answer, send_json, serving
 
 A, B, S = "A", "B", "similar"
 
@@ -365,10 +365,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       text = '{"accuracy": "maybe", "aesthetic": "A"}'
     elif kind == "filter":
       finish = "content_filter"
-    answer = {"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "finish_reason": finish,
-         "message": {"role": "assistant", "content": text}}]}
-    self._send(200, json.dumps(answer).encode())
+    self._send(200, chat_answer(text, finish))
 
   def _send(self, status, payload, headers=()):
     send_json(self, status, payload, headers)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from aesalign_jax import rephrase
-from loopback import send_json, serving
+from loopback import chat_answer, send_json, serving
 
 KEY_ENV = "AESALIGN_TEST_LLM_KEY"
 KEY = "sk-test-9f8e7d6c5b4a-secret"
@@ -87,10 +87,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       content = "I'm sorry, I can't help with that."
     else:
       content = f'Sure! Here is the rephrased query:\n\n"{query}, soft light"\n\nIt adds light.'
-    answer = {"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "finish_reason": "stop",
-         "message": {"role": "assistant", "content": content}}]}
-    self._send(200, json.dumps(answer).encode())
+    self._send(200, chat_answer(content))
 
   def _send(self, status, payload, headers=()):
     send_json(self, status, payload, headers)
