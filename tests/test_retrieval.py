@@ -299,8 +299,8 @@ def test_a_stream_of_batches_gives_the_same_index_and_resumes(tmp_path):
     index.embed_corpus(_fake_embed(), stream(), np.arange(48), str(tmp_path / 'short'), **kw)
 
 
-def test_clip_image_embed_fn_matches_the_embedder(tmp_path):
-  from aesalign_jax import embed
+def test_clip_image_embed_fn_matches_the_model_on_normalised_pixels(tmp_path):
+  from input_pipeline import images as images_lib
   from aesalign_jax.models import clip
   from input_pipeline import world as world_lib
   cfg = clip.preset('tiny', vision_layers=1, text_layers=1)
@@ -311,7 +311,10 @@ def test_clip_image_embed_fn_matches_the_embedder(tmp_path):
                      ids, str(tmp_path), fingerprint=index.fingerprint_params(params),
                      shard_size=8, batch_size=8, progress=False)
   emb, got_ids = index.load_index(str(tmp_path))
-  want = embed.Embedder(cfg, params, None, batch_size=8).images(world.render_batch(ids))
+  # Independent of image_embed_fn (which Embedder also uses): the host-side CLIP
+  # normalisation, then the model's own encode_image on the whole batch.
+  pixels = images_lib.normalize(world.render_batch(ids))
+  want = np.asarray(clip.bind(cfg, params).encode_image(pixels))
   np.testing.assert_allclose(emb, want, atol=1e-5)
   np.testing.assert_array_equal(got_ids, ids)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
