@@ -2,37 +2,206 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import jax
 
 from aesalign_jax import models, sharding, train
+from aesalign_jax.models import hf
+
+PLACEHOLDER = '/path/to/'   # how configs/real.py marks a path the user must set
 
 
-def validate(config, num_devices: int | None = None):
-  """Raises ValueError naming the key for a config that cannot run; returns the ClipConfig."""
+def validate(config, num_devices: int | None = None, *, check_inputs: bool = True):
+  """Raises ValueError naming the key for a config that cannot run; returns the ClipConfig.
+
+  check_inputs: also check that every file and folder the run reads exists (all missing ones
+  in one error) and that the stages can read the sources the config names. False checks the
+  shapes, mesh and numbers only, e.g. a real-run config on a machine without its files.
+  """
+  if check_inputs:
+    check_input_paths(config)
+  if config.pretrain.steps < 0:
+    raise ValueError(f'config.pretrain.steps={config.pretrain.steps} must be >= 0 (0: the '
+                     'model.hf_folder checkpoint is the pretrained model as it is)')
+  if config.pretrain.steps == 0 and not config.model.hf_folder:
+    raise ValueError('config.pretrain.steps=0 uses config.model.hf_folder as the pretrained '
+                     'model, but config.model.hf_folder is empty')
   cfg = models.clip_config(config.model)
-  sharding.mesh_shape(config.mesh, jax.device_count() if num_devices is None else num_devices)
-  sharding.check_rules(config.rules)
+  n = jax.device_count() if num_devices is None else num_devices
+  mesh = sharding.mesh_shape(config.mesh, n)
+  rules = sharding.check_rules(config.rules)
   tok = config.tokenizer
-  if tok.folder and not os.path.isdir(tok.folder):
-    raise ValueError(f'config.tokenizer.folder={tok.folder!r} is not a folder')
   if tok.context_length is not None and tok.context_length != cfg.context_length:
     raise ValueError(f'config.tokenizer.context_length={tok.context_length} differs from the '
                      f"model's context length {cfg.context_length} (config.model)")
+  if not tok.folder and config.data.source != 'world':
+    raise ValueError(f'config.tokenizer.folder is empty: with config.data.source='
+                     f'{config.data.source!r} name a tokenizer folder (the checkpoint\'s); a '
+                     'tokenizer is trained only on the embedded world\'s captions')
   if not tok.folder and tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'config.tokenizer.vocab_size={tok.vocab_size} exceeds the model '
                      f'vocabulary {cfg.vocab_size} (config.model.overrides.vocab_size)')
   if config.data.source == 'world' and config.world.image_size != cfg.image_size:
     raise ValueError(f'config.world.image_size={config.world.image_size} differs from the '
                      f'model image size {cfg.image_size} (config.model)')
-  if config.align.dpo_path and not os.path.exists(config.align.dpo_path):
-    raise ValueError(f'config.align.dpo_path={config.align.dpo_path!r} does not exist')
-  train.validate(config.pretrain, 'pretrain')
+  if config.data.source != 'world' and config.data.image_size != cfg.image_size:
+    raise ValueError(f'config.data.image_size={config.data.image_size} differs from the '
+                     f'model image size {cfg.image_size} (config.model)')
+  iap = config.aesthetics.iap
+  if (config.aesthetics.kind == 'iap' and iap.weights and not iap.get('clip_folder')
+      and iap.embed_dim != cfg.embed_dim):
+    raise ValueError(f'config.aesthetics.iap.embed_dim={iap.embed_dim} differs from the '
+                     f"model's embedding width {cfg.embed_dim}: without "
+                     'config.aesthetics.iap.clip_folder the head scores the model\'s own image '
+                     'embeddings')
+  batches = ['align.batch_size', 'align.groups_per_step']
+  if config.pretrain.steps:   # 0: no pretraining runs, its section is not read
+    train.validate(config.pretrain, 'pretrain')
+    batches.insert(0, 'pretrain.batch_size')
   train.validate(config.align, 'align')
-  for section in ('pretrain', 'align'):
-    per_host = config[section].batch_size
-    if per_host % jax.process_count():
-      raise ValueError(f'config.{section}.batch_size={per_host} is not divisible by the '
+  if check_inputs and config.aesthetics.kind == 'iap' and iap.weights and iap.get('clip_folder'):
+    width = _checkpoint_embed_dim(iap.clip_folder)   # (check_input_paths: the folder exists)
+    if width != iap.embed_dim:
+      raise ValueError(f'config.aesthetics.iap.embed_dim={iap.embed_dim} differs from the '
+                       f'embedding width {width} of config.aesthetics.iap.clip_folder='
+                       f'{iap.clip_folder!r}')
+  # Batches are split over the mesh axes that 'batch' maps to (data x fsdp by default).
+  shards = math.prod(mesh[a] for a in rules.get('batch', ()))
+  for key in batches:
+    section, field = key.split('.')
+    value = config[section][field]
+    if value % jax.process_count():
+      raise ValueError(f'config.{key}={value} is not divisible by the '
                        f'{jax.process_count()} processes')
+    if value % shards:
+      raise ValueError(f'config.{key}={value} is not divisible by the {shards} devices the '
+                       f'batch is split over (config.mesh {mesh}, rule for "batch")')
+  if check_inputs:
+    check_stages_read(config)
   return cfg
+
+
+def _checkpoint_embed_dim(folder: str) -> int:
+  """The image embedding width of a Hugging Face CLIP folder, from its config.json."""
+  path = os.path.join(folder, hf.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f'config.aesthetics.iap.clip_folder={folder!r}: no {hf.CONFIG_FILE}')
+  with open(path, encoding='utf-8') as f:
+    return hf.config_from_hf(json.load(f), path).embed_dim
+
+
+def _path_problem(key: str, value, kind: str) -> str | None:
+  """None if `value` is an existing file/folder (kind 'file' | 'dir' | 'any'), else why not."""
+  if not value:
+    return f'config.{key} is empty'
+  ok = {'file': os.path.isfile, 'dir': os.path.isdir, 'any': os.path.exists}[kind](value)
+  if ok:
+    return None
+  what = {'file': 'no such file', 'dir': 'no such folder', 'any': 'does not exist'}[kind]
+  hint = f' (a placeholder: set --config.{key})' if str(value).startswith(PLACEHOLDER) else ''
+  return f'config.{key}={value!r}: {what}{hint}'
+
+
+def _data_paths(prefix: str, d) -> list:
+  """(key, value, kind) for an input_pipeline data section (config.data or an eval's data)."""
+  out = []
+  if d.source in ('jsonl', 'csv'):
+    out.append((f'{prefix}.path', d.path, 'file'))
+  elif d.source == 'folder':
+    out.append((f'{prefix}.path', d.path, 'dir'))
+  if d.source in ('jsonl', 'csv') and d.get('root'):
+    out.append((f'{prefix}.root', d.root, 'dir'))
+  if d.source == 'tfds' and d.get('tfds_data_dir'):
+    out.append((f'{prefix}.tfds_data_dir', d.tfds_data_dir, 'dir'))
+  return out
+
+
+def input_paths(config) -> list:
+  """(key, value, kind) of every file or folder this config makes the run read."""
+  paths = []
+  if config.model.hf_folder:
+    paths.append(('model.hf_folder', config.model.hf_folder, 'dir'))
+  if config.tokenizer.folder:
+    paths.append(('tokenizer.folder', config.tokenizer.folder, 'dir'))
+  if config.data.source != 'world':
+    paths += _data_paths('data', config.data)
+  if config.mine.get('queries_path'):
+    paths.append(('mine.queries_path', config.mine.queries_path, 'file'))
+  if config.mine.embeddings_dir:
+    paths.append(('mine.embeddings_dir', config.mine.embeddings_dir, 'dir'))
+  a = config.aesthetics
+  if a.kind == 'iap' and a.iap.weights:
+    paths.append(('aesthetics.iap.weights', a.iap.weights, 'file'))
+  if a.kind == 'iap' and a.iap.get('clip_folder'):
+    paths.append(('aesthetics.iap.clip_folder', a.iap.clip_folder, 'dir'))
+  r = config.rephrase
+  if r.backend == 'hf':
+    paths.append(('rephrase.model', r.model, 'dir'))
+  if r.backend == 'lexicon' and str(r.vocabulary).endswith('.json'):
+    paths.append(('rephrase.vocabulary', r.vocabulary, 'file'))
+  if config.align.dpo_path:
+    paths.append(('align.dpo_path', config.align.dpo_path, 'any'))
+  for name, e in config.evals.items():
+    if not hasattr(e, 'get') or not e.get('enabled', True):
+      continue   # (a malformed section is refused by make_evaluators, naming it)
+    if e.get('source') == 'data':
+      paths += _data_paths(f'evals.{name}.data', e.data)
+    if e.get('task') == 'tfds' and e.get('tfds_data_dir'):
+      paths.append((f'evals.{name}.tfds_data_dir', e.tfds_data_dir, 'dir'))
+    if isinstance(e.get('class_names'), str) and e.class_names:
+      paths.append((f'evals.{name}.class_names', e.class_names, 'file'))
+    if e.get('queries_path'):
+      paths.append((f'evals.{name}.queries_path', e.queries_path, 'file'))
+    if e.get('type', name) == 'hpir' and e.get('path'):
+      paths.append((f'evals.{name}.path', e.path, 'file'))
+  return paths
+
+
+def check_input_paths(config) -> None:
+  """Refuses a config naming inputs that are not there: one error listing every such key."""
+  problems = [p for p in (_path_problem(*entry) for entry in input_paths(config)) if p]
+  if config.rephrase.backend == 'openai' and not config.rephrase.model:
+    problems.append('config.rephrase.model is empty (the openai backend needs the model name '
+                    'the endpoint serves)')
+  if problems:
+    raise ValueError('missing inputs:\n  ' + '\n  '.join(problems))
+
+
+def check_stages_read(config) -> None:
+  """Refuses what aesalign_jax/stages.py cannot do yet with the inputs named, rather than
+  silently running on the embedded world instead."""
+  problems = []
+  real = config.data.source != 'world'
+  a = config.aesthetics
+  if real and a.kind == 'iap' and not a.iap.weights:
+    problems.append('config.aesthetics.iap.weights is empty: an IAP head is trained only on '
+                    'the embedded world\'s simulated ratings; give trained weights (README '
+                    '"Real runs") or set config.aesthetics.kind=lowlevel')
+  for name, e in config.evals.items():
+    if not hasattr(e, 'get') or not e.get('enabled', True):
+      continue
+    kind = e.get('type', name)
+    key = f'config.evals.{name}'
+    if kind == 'topk_quality' and real and e.get('source') != 'corpus':
+      problems.append(f"{key}.source={e.get('source')!r}: on a real corpus (config.data) "
+                      "top-k quality reads the corpus: set it to 'corpus' (with queries_path)")
+    elif kind == 'topk_quality' and real and not e.get('queries_path'):
+      problems.append(f'{key}.queries_path is empty: top-k quality on the corpus needs the '
+                      'held-out queries (a text file, one a line, or JSON Lines {"query"})')
+    elif kind == 'topk_quality' and not real and e.get('source') != 'world':
+      problems.append(f"{key}.source={e.get('source')!r}: on the embedded world top-k quality "
+                      "reads the world's split (source 'world'); 'corpus' needs config.data")
+    if real and ((kind == 'retrieval' and e.get('source') == 'world')
+                 or (kind == 'zeroshot' and str(e.get('task')).startswith('world'))):
+      problems.append(f'{key} evaluates on the embedded world, not on real data: give it a '
+                      "data set (retrieval source 'data', zero-shot task 'tfds') or disable it "
+                      f'(--{key[len("config."):]}.enabled=False)')
+  if real and config.judge.kind == 'world':
+    problems.append("config.judge.kind='world' judges by the embedded world's ground truth, "
+                    "which real data do not have: set it to 'scorer' or 'openai'")
+  if problems:
+    raise ValueError('inputs the stages cannot read yet (aesalign_jax/stages.py):\n  '
+                     + '\n  '.join(problems))

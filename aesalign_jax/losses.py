@@ -99,6 +99,94 @@ def clip_infonce(img_emb, txt_emb, logit_scale, label_smoothing: float = 0.0):
   return 0.5 * (i2t + t2i), jax.lax.stop_gradient(aux)
 
 
+def _shard_map(f, mesh, in_specs, out_specs):
+  """jax.shard_map (jax >= 0.6) or its older experimental home, replication checking left on
+  (the default): jax then knows the psum-ed loss is the same on every device, and the
+  backward pass gives each device its own share of the gradient (all_gather transposes to a
+  reduce-scatter); tests/test_contrastive_sharded.py checks it against the dense loss."""
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  return shard_map(f, mesh, in_specs, out_specs)
+
+
+def clip_infonce_sharded(img_emb, txt_emb, logit_scale, *, mesh, batch_axes,
+                         label_smoothing: float = 0.0, row_chunk: int = 0):
+  """`clip_infonce` for a batch sharded over mesh axes, without a [B, B] matrix per device.
+
+  Each device all-gathers both embeddings over `batch_axes` ([B, D] each: B * D floats, small
+  next to B * B) and computes the logits of its OWN rows only, image -> all texts and text ->
+  all images ([B / n, B] each); the per-row losses and top-1 hits are summed and psum-ed over
+  the batch axes. Gradients: the transpose of all_gather is a reduce-scatter, so each row's
+  embedding collects the gradient of every device's use of it, as in the dense loss.
+
+  img_emb, txt_emb: [B, D] global arrays (called inside jit; their rows are resharded over
+    `batch_axes` if they are laid out otherwise). B must be divisible by the devices on
+    `batch_axes`.
+  mesh: the jax.sharding.Mesh; batch_axes: the mesh axis names the batch is split over
+    (e.g. ('data', 'fsdp')); other mesh axes see replicated work.
+  label_smoothing: as `clip_infonce`.
+  row_chunk: > 0 computes the local rows' logits in blocks of this many rows, each block
+    rematerialised in the backward pass, so a device holds [row_chunk, B] logits at a time;
+    0 = all local rows at once. Must divide B / n.
+  Returns (loss, aux) with the values of `clip_infonce` (up to float summation order).
+  """
+  eps = _static_number("label_smoothing", label_smoothing)
+  if not 0.0 <= eps < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+  img, txt = _as_float(img_emb), _as_float(txt_emb)
+  _check_embeddings(img, txt)
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  unknown = [a for a in axes if a not in mesh.shape]
+  if not axes or unknown:
+    raise ValueError(f"batch_axes {batch_axes!r} must name axes of the mesh {dict(mesh.shape)}")
+  devices = int(np.prod([mesh.shape[a] for a in axes]))
+  batch = img.shape[0]
+  if batch % devices:
+    raise ValueError(f"contrastive batch {batch} is not divisible by the {devices} devices on "
+                     f"mesh axes {axes}")
+  local_rows = batch // devices
+  chunk = int(row_chunk) if row_chunk and 0 < row_chunk < local_rows else local_rows
+  if local_rows % chunk:
+    raise ValueError(f"row_chunk={row_chunk} does not divide the {local_rows} rows per device")
+  scale = jnp.asarray(logit_scale, img.dtype)
+  spec = jax.sharding.PartitionSpec(axes, None)
+  replicated = jax.sharding.PartitionSpec()
+
+  def per_device(img_local, txt_local, s):
+    img_local, txt_local = _l2_normalize(img_local), _l2_normalize(txt_local)
+    img_all = jax.lax.all_gather(img_local, axes, axis=0, tiled=True)   # [B, D]
+    txt_all = jax.lax.all_gather(txt_local, axes, axis=0, tiled=True)
+    first = jax.lax.axis_index(axes) * local_rows   # global index of this device's row 0
+
+    def block(queries, keys, labels):   # summed smoothed CE and top-1 hits of query rows
+      logits = s * (queries @ keys.T)   # [rows, B]; the scale after the product, as dense
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+      ce = (1.0 - eps) * (lse - positive) + eps * (lse - jnp.mean(logits, axis=-1))
+      hits = jnp.sum((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+      return jnp.sum(ce), hits
+
+    def direction(queries, keys):
+      labels = first + jnp.arange(local_rows)
+      if chunk == local_rows:
+        return block(queries, keys, labels)
+      q = queries.reshape(local_rows // chunk, chunk, -1)
+      lab = labels.reshape(local_rows // chunk, chunk)
+      body = jax.checkpoint(lambda ql: block(ql[0], keys, ql[1]))
+      ce, hits = jax.lax.map(body, (q, lab))
+      return jnp.sum(ce), jnp.sum(hits)
+
+    sums = jnp.stack(direction(img_local, txt_all) + direction(txt_local, img_all))
+    return jax.lax.psum(sums, axes) / batch   # i2t loss, i2t acc, t2i loss, t2i acc
+
+  sums = _shard_map(per_device, mesh, (spec, spec, replicated), replicated)(img, txt, scale)
+  i2t, i2t_acc, t2i, t2i_acc = sums[0], sums[1], sums[2], sums[3]
+  aux = dict(i2t_loss=i2t, t2i_loss=t2i, i2t_accuracy=i2t_acc, t2i_accuracy=t2i_acc,
+             logit_scale=scale)
+  return 0.5 * (i2t + t2i), jax.lax.stop_gradient(aux)
+
+
 def siglip_loss(img_emb, txt_emb, logit_scale, logit_bias):
   """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) over a batch of matching pairs.
 

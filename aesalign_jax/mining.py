@@ -20,6 +20,7 @@ match their query, and the fraction of preference pairs whose preferred image is
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -37,13 +38,75 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.top_k = 200             # K: images retrieved per rephrased query
   c.stride = 4              # s: pick positions 0, s, 2s, ... of the semantic order
-  c.corpus_size = 50_000    # world: the first N training images form the retrieval corpus
-  c.embeddings_dir = ''     # an existing corpus index (retrieval.index); '' = build one
+  c.corpus_size = 50_000    # world only: the first N training images form the corpus (a real
+                            # corpus, config.data, is used whole)
+  c.embeddings_dir = ''     # an existing corpus index (retrieval.index) of the reference model,
+                            # ids = corpus record ids; '' = build one under workdir/mine/index
+  # Mining queries: a text file, one query a line, or JSON Lines ({"query": ...} a line; a
+  # .jsonl / .json file); '' = the embedded world's mining queries.
+  c.queries_path = ''
   c.chunk_size = 65_536     # corpus rows per top-K chunk on device
   c.approx = False          # jax.lax.approx_max_k (fast on TPU) instead of exact top-K
-  c.max_queries = -1        # -1: every mining query
+  c.max_queries = -1        # -1: every mining query; N: the first N
   c.summary_top = 10        # top-n of the first-finding measurement (world only)
   return c
+
+
+def load_queries(path: str) -> list[str]:
+  """Queries from a text file (one a line) or, for .jsonl / .json, JSON Lines {"query": ...}.
+
+  Blank lines are ignored; malformed or empty lines and repeated queries are skipped, counted
+  and named in one warning (file:line). Raises ValueError naming the file (and the config key
+  mine.queries_path) when no query is left.
+  """
+  as_json = path.lower().endswith(('.jsonl', '.json'))
+  queries, seen, skipped = [], set(), []
+  with open(path, encoding='utf-8-sig') as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{line_number}'
+      text = line
+      if as_json:
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          skipped.append(f'{where}: malformed JSON ({e})')
+          continue
+        text = obj.get('query') if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+          skipped.append(f'{where}: no string "query" field')
+          continue
+      text = ' '.join(text.split())
+      if not text:
+        skipped.append(f'{where}: empty query')
+      elif text in seen:
+        skipped.append(f'{where}: repeats the query {text!r}')
+      else:
+        seen.add(text)
+        queries.append(text)
+  if skipped:
+    logging.warning('%s: skipped %d lines:\n  %s%s', path, len(skipped),
+                    '\n  '.join(skipped[:20]), '\n  ...' if len(skipped) > 20 else '')
+  if not queries:
+    raise ValueError(f'config.mine.queries_path={path!r} holds no query ({len(skipped)} lines '
+                     'skipped)')
+  return queries
+
+
+class RowScores:
+  """Wraps aesthetic_fn (corpus rows -> scores) so each row is scored once: the candidate
+  lists of different queries overlap, and scoring a row may mean decoding and embedding it."""
+
+  def __init__(self, fn: Callable[[np.ndarray], np.ndarray]):
+    self.fn, self.known = fn, {}
+
+  def __call__(self, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.int64)
+    todo = np.asarray([r for r in np.unique(rows) if int(r) not in self.known], np.int64)
+    if len(todo):
+      self.known.update(zip(todo.tolist(), np.asarray(self.fn(todo), np.float64).tolist()))
+    return np.asarray([self.known[int(r)] for r in rows], np.float64)
 
 
 def validate(c, u: int, v: int) -> None:
@@ -83,7 +146,9 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
 
   text_embed: list[str] -> unit vectors [Q, D] (the reference model);
   corpus: [N, D] reference image embeddings, ids: [N] corpus ids;
-  aesthetic_fn: corpus rows [M] -> aesthetic scores [M] (higher = better).
+  aesthetic_fn: corpus rows [M] -> aesthetic scores [M] (higher = better); NaN for a row it
+    cannot score (e.g. an image that fails to decode): such rows leave the candidates and are
+    counted in the summary ('unscorable_images').
   """
   validate(c, u, v)
   start = time.time()
@@ -92,17 +157,20 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
   r_emb = text_embed(list(rephrased))
   k = min(c.top_k, len(corpus))
   _, cand = search.topk(r_emb, corpus, k, chunk_size=c.chunk_size, mesh=mesh, approx=c.approx)
-  groups, skipped = [], []
+  groups, skipped, unscorable = [], [], set()
   for qi, query in enumerate(queries):
     rows = cand[qi]
     rows = rows[(rows >= 0) & (rows < len(corpus))]
     rows = np.unique(rows)   # approximate top-K may repeat a row
+    aesthetic = np.asarray(aesthetic_fn(rows), np.float64)
+    scored = np.isfinite(aesthetic)
+    unscorable.update(rows[~scored].tolist())
+    rows, aesthetic = rows[scored], aesthetic[scored]
     if len(rows) < need:
       skipped.append({'query': query, 'reason': f'{len(rows)} results < {need} needed'})
       continue
     semantic = corpus[rows].astype(np.float32) @ q_emb[qi]   # relevance to the ORIGINAL query
     order = np.argsort(-semantic, kind='stable')
-    aesthetic = np.asarray(aesthetic_fn(rows), np.float64)
     grid = grid_pick(order, aesthetic, u, v, c.stride)
     meta = {'corpus_rows': rows[grid].tolist()}
     if truth is not None:
@@ -120,7 +188,11 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
   summary = {'queries': len(queries), 'records': len(groups), 'skipped': skipped,
              'pairs_per_record': int(losses.pair_mask(u, v, 'product').sum()),
              'pairs': int(losses.pair_mask(u, v, 'product').sum()) * len(groups),
-             'top_k': k, 'stride': c.stride, 'u': u, 'v': v}
+             'top_k': k, 'stride': c.stride, 'u': u, 'v': v,
+             'unscorable_images': len(unscorable)}
+  if unscorable:
+    logging.warning('mining: %d retrieved images could not be scored and were left out',
+                    len(unscorable))
   if truth is not None:
     summary.update(_world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, mesh, truth))
   summary['seconds'] = round(time.time() - start, 2)

@@ -22,11 +22,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from aesalign_jax import checkpointing, embed, mining, models, rephrase, sharding, train
+from aesalign_jax import aesthetics, checkpointing, embed, mining, models, rephrase, sharding
+from aesalign_jax import train
 from aesalign_jax.aesthetics import iap, lowlevel, world_iap
 from aesalign_jax.retrieval import index as retrieval_index
 from aesalign_jax import tokenizer as tokenizer_lib
 from aesalign_jax.models import clip, hf
+from input_pipeline import images as images_lib
 from input_pipeline import pipeline, preference
 from input_pipeline import world as world_lib
 
@@ -85,6 +87,10 @@ def tokenizer_stage(config, workdir: str) -> str:
   tok = config.tokenizer
   if tok.folder:
     return tok.folder
+  if real_data(config):
+    raise ValueError(f'config.tokenizer.folder is empty: a tokenizer is trained only on the '
+                     f'embedded world\'s captions, not on config.data.source='
+                     f'{config.data.source!r}; name a tokenizer folder (the checkpoint\'s)')
 
   def train(stage_dir):
     world = world_lib.World(config.world)
@@ -120,6 +126,60 @@ def world_pairs_pipeline(config, world, tok, *, seed: int):
       tokenize=tok, worker_count=config.data.worker_count)
 
 
+def real_data(config) -> bool:
+  """Whether the image-caption pairs and the mining corpus come from config.data (a folder,
+  JSONL, CSV or tfds corpus) rather than the embedded world."""
+  return config.data.source != 'world'
+
+
+# The keys of config.data that decide which records a corpus source holds (its fingerprint);
+# the others (workers, buffers) only change how fast they are read.
+_CORPUS_KEYS = ('source', 'path', 'root', 'image_size', 'max_pixels', 'tfds_name',
+                'tfds_split', 'tfds_data_dir', 'caption_key', 'label_key', 'caption_template')
+
+
+def _corpus_sections(config) -> dict:
+  """The config (and corpus file) a stage's data come from, for its fingerprint."""
+  if not real_data(config):
+    return {'world': config.world.to_dict()}
+  data = {k: config.data[k] for k in _CORPUS_KEYS}
+  if config.data.source in ('jsonl', 'csv'):
+    data['file'] = _fingerprint_file(config.data.path)
+  return {'data': data}
+
+
+_SOURCES: dict = {}
+
+
+def corpus_source(config):
+  """The source config.data names (input_pipeline.pipeline.make_source), built once per
+  process and corpus file: indexing a large JSON Lines file checks every image path."""
+  key = json.dumps(_corpus_sections(config), sort_keys=True, default=str)
+  if key not in _SOURCES:
+    _SOURCES[key] = pipeline.make_source(config.data)
+    logging.info('corpus: %s (%s)', _SOURCES[key], _SOURCES[key].stats())
+  return _SOURCES[key]
+
+
+def corpus_pairs_pipeline(config, source, tok, *, batch_size: int, seed: int):
+  """Tokenised image-caption batches of `batch_size` (this process's share) from a corpus
+  source: sharded over processes, shuffled, repeated, undecodable images dropped and counted
+  (input_pipeline.pipeline.make_pipeline), read with config.data's workers and buffers."""
+  kwargs = pipeline.pipeline_kwargs(config.data)
+  # Training reads a stream that never ends, of full batches of uint8 images (the train step
+  # normalises on device), whatever the data section says for other uses.
+  kwargs.update(batch_size=batch_size, seed=seed, num_epochs=None, normalize=False,
+                drop_remainder=True)
+  return pipeline.make_pipeline(source, tokenize=tok, **kwargs)
+
+
+def _with_numerics(cfg, model_config):
+  """A checkpoint's ClipConfig with the compute dtype, remat and attention of config.model
+  (a Hugging Face config.json holds shapes only)."""
+  return dataclasses.replace(cfg, dtype=model_config.dtype, remat=bool(model_config.remat),
+                             attention=model_config.get('attention', 'auto'))
+
+
 def _save_trained(kind: str, result, cfg, tok, out: str) -> dict:
   """Writes a finished run's model (HF folder + tokenizer); returns its last logged metrics.
   A preempted run exits 0 instead, so the scheduler's restart resumes it."""
@@ -140,22 +200,40 @@ def pretrain_stage(config, workdir: str) -> str:
   def run_pretrain(stage_dir):
     tok = tokenizer_lib.ClipTokenizer.from_folder(tok_folder)
     cfg = _model_with_tokenizer(config, tok)
+    if config.pretrain.steps == 0:   # the checkpoint itself is the PT model
+      if not config.model.hf_folder:
+        raise ValueError('config.pretrain.steps=0 needs config.model.hf_folder (the model to '
+                         'use as it is)')
+      if jax.process_index() == 0:
+        _, params = hf.load_hf_folder(config.model.hf_folder)
+        hf.save_hf_folder(cfg, params, out)
+        tok.save(out)
+      return {'steps': 0, 'model': out, 'copied_from': config.model.hf_folder}
     _, params = models.load_or_init(config.model, config.seed)
     if not config.model.hf_folder:
       params = clip.init_params(cfg, config.seed)
-    world = world_lib.World(config.world)
     mesh = sharding.make_mesh(config.mesh)
-    pairs = iter(world_pairs_pipeline(config, world, tok, seed=config.seed))
+    per_process = config.pretrain.batch_size // jax.process_count()
+    if real_data(config):
+      source = corpus_source(config)
+      pairs = iter(corpus_pairs_pipeline(config, source, tok, batch_size=per_process,
+                                         seed=config.seed))
+    else:
+      world = world_lib.World(config.world)
+      pairs = iter(world_pairs_pipeline(config, world, tok, seed=config.seed))
     result = train.fit(kind='pretrain', c=config.pretrain, model_cfg=cfg, init_params=params,
                        iterators={'pairs': pairs}, mesh=mesh, rules=config.rules,
                        workdir=stage_dir, seed=config.seed)
     last = _save_trained('pretrain', result, cfg, tok, out)
-    return {'steps': result.step, 'final_loss': float(last.get('loss', float('nan'))),
-            'model': out}
+    summary = {'steps': result.step, 'final_loss': float(last.get('loss', float('nan'))),
+               'model': out}
+    if real_data(config):
+      summary['corpus'] = source.stats()
+    return summary
 
-  cached_stage('pretrain', workdir, {k: config[k].to_dict() for k in
-                                     ('model', 'tokenizer', 'world', 'pretrain', 'mesh')},
-               run_pretrain)
+  cached_stage('pretrain', workdir, {**{k: config[k].to_dict() for k in
+                                        ('model', 'tokenizer', 'pretrain', 'mesh')},
+                                     **_corpus_sections(config)}, run_pretrain)
   return out
 
 
@@ -172,6 +250,10 @@ def aesthetic_stage(config, workdir: str) -> Optional[str]:
     return None
   if config.aesthetics.iap.weights:
     return config.aesthetics.iap.weights
+  if real_data(config):
+    raise ValueError('config.aesthetics.iap.weights is empty: an IAP head is trained only on '
+                     'the embedded world\'s simulated ratings; give trained weights (README '
+                     '"Real runs") or set config.aesthetics.kind=lowlevel')
   model_folder = pretrain_stage(config, workdir)
   out = os.path.join(workdir, 'aesthetic', 'iap.safetensors')
 
@@ -225,6 +307,161 @@ def corpus_index(config, workdir: str, cfg, params) -> tuple[np.ndarray, np.ndar
   return retrieval_index.load_index(folder, dtype=np.float32)
 
 
+@dataclasses.dataclass
+class MiningCorpus:
+  """What mining reads of its corpus. Row r of `embeddings` (the reference model's, [N, D])
+  is the image `ids[r]`; images(rows) -> (uint8 [n, S, S, 3], valid bool [n]) loads rows'
+  images (valid False: an image that fails to decode). truth: the world's ground truth, when
+  the corpus and the queries are the world's; summary: counts for the stage summary."""
+  embeddings: np.ndarray
+  ids: np.ndarray
+  images: Callable
+  truth: Optional[WorldTruth] = None
+  summary: dict = dataclasses.field(default_factory=dict)
+
+
+def world_mining_corpus(config, workdir: str, cfg, params) -> MiningCorpus:
+  world = world_lib.World(config.world)
+  corpus, ids = corpus_index(config, workdir, cfg, params)
+  images = lambda rows: (world.render_batch(ids[rows].astype(int)), np.ones(len(rows), bool))
+  truth = None if config.mine.queries_path else WorldTruth(world, ids)
+  return MiningCorpus(corpus, ids, images, truth)
+
+
+def _embed_batch_size(mesh, n: int) -> int:
+  """Images per corpus-embedding call: ~512, a multiple of every device of the mesh (so of
+  those the batch is split over), no larger than the corpus needs."""
+  unit = 64 * mesh.size
+  return unit * max(1, min(-(-512 // unit), -(-n // unit)))
+
+
+def real_mining_corpus(config, workdir: str, cfg, params) -> MiningCorpus:
+  """The corpus of config.data as a MiningCorpus: its index is config.mine.embeddings_dir
+  (whose ids must be the corpus record ids; others are dropped and counted) or built under
+  workdir/mine/index over the mesh. Images that fail to decode while the index is built are
+  counted, named in workdir/mine/unreadable.jsonl (so a resumed build still knows them) and
+  left out of the corpus."""
+  source = corpus_source(config)
+  source_ids = np.asarray(pipeline.source_ids(source), dtype=str)
+  position = {}
+  for p, image_id in enumerate(source_ids.tolist()):
+    if position.setdefault(image_id, p) != p:
+      raise ValueError(f'corpus config.data.path={config.data.path!r}: id {image_id!r} names '
+                       f'records {position[image_id]} and {p}; D_po records name images by id, '
+                       'so ids must be unique')
+  unreadable_log = os.path.join(workdir, 'mine', 'unreadable.jsonl')
+  unreadable = {}   # id -> error
+
+  def note(p, error):
+    image_id = str(source_ids[p])
+    if image_id not in unreadable:
+      unreadable[image_id] = error
+      if jax.process_index() == 0:
+        with open(unreadable_log, 'a', encoding='utf-8') as f:
+          f.write(json.dumps({'id': image_id, 'error': error}) + '\n')
+
+  reader = pipeline.RecordImages(source, threads=config.data.read_threads, on_invalid=note)
+  summary = {'corpus_records': len(source_ids)}
+  if config.mine.embeddings_dir:
+    embeddings, ids = retrieval_index.load_index(config.mine.embeddings_dir, dtype=np.float32)
+    if embeddings.shape[1] != cfg.embed_dim:
+      raise ValueError(f'config.mine.embeddings_dir={config.mine.embeddings_dir!r} holds '
+                       f'{embeddings.shape[1]}-wide embeddings; the reference model makes '
+                       f'{cfg.embed_dim}-wide ones (an index of another model)')
+    ids = ids.astype(str)
+    known = np.asarray([i in position for i in ids.tolist()], bool)
+    if not known.any():
+      raise ValueError(f'config.mine.embeddings_dir={config.mine.embeddings_dir!r}: none of its '
+                       f'{len(ids)} ids is a record id of the corpus config.data '
+                       f'({source!r}, ids such as {source_ids[:3].tolist()})')
+    if not known.all():
+      logging.warning('%s: %d of %d ids are not in the corpus and are left out, e.g. %s',
+                      config.mine.embeddings_dir, int((~known).sum()), len(ids),
+                      ids[~known][:5].tolist())
+    summary['index_ids_not_in_corpus'] = int((~known).sum())
+    embeddings, ids = embeddings[known], ids[known]
+  else:
+    folder = os.path.join(workdir, 'mine', 'index')
+    mesh = sharding.make_mesh(config.mesh)
+    retrieval_index.embed_corpus(
+        retrieval_index.image_embed_fn(cfg, params, mesh=mesh, rules=config.rules),
+        lambda rows: reader(rows)[0], source_ids, folder,
+        fingerprint=retrieval_index.fingerprint_params(params),
+        batch_size=_embed_batch_size(mesh, len(source_ids)), mesh=mesh, rules=config.rules)
+    embeddings, ids = retrieval_index.load_index(folder, dtype=np.float32)
+    ids = ids.astype(str)
+    if os.path.exists(unreadable_log):   # found by an earlier, interrupted build
+      with open(unreadable_log, encoding='utf-8') as f:
+        for line in f:
+          entry = json.loads(line)
+          unreadable.setdefault(entry['id'], entry['error'])
+    keep = np.asarray([i not in unreadable for i in ids.tolist()], bool)
+    if unreadable:
+      logging.warning('corpus: %d unreadable images left out of mining (%s), e.g. %s',
+                      len(unreadable), unreadable_log, list(unreadable.values())[:5])
+    embeddings, ids = embeddings[keep], ids[keep]
+  summary['corpus_unreadable'] = len(unreadable)
+  summary['corpus_indexed'] = len(ids)
+  positions = np.asarray([position[i] for i in ids.tolist()], np.int64)
+  return MiningCorpus(embeddings, ids, lambda rows: reader(positions[np.asarray(rows)]),
+                      summary=summary)
+
+
+def _score_loaded(score: Callable, corpus: MiningCorpus, rows) -> np.ndarray:
+  """score(images) for rows whose image loads; NaN for the others (mining drops them)."""
+  images, valid = corpus.images(np.asarray(rows))
+  out = np.full(len(valid), np.nan)
+  if valid.any():
+    out[valid] = np.asarray(score(images[valid]), np.float64)
+  return out
+
+
+def aesthetic_scores_fn(config, iap_weights: Optional[str], corpus: MiningCorpus) -> Callable:
+  """Corpus rows -> aesthetic scores (NaN: an image that does not load), by the configured
+  scorer: the IAP head on config.aesthetics.iap.clip_folder's image embeddings, or on the
+  reference model's own (the corpus index) when that is empty; or the low-level scorer."""
+  if not iap_weights:
+    scorer = (aesthetics.make_scorer(config.aesthetics) if real_data(config)
+              else lowlevel.LowLevelScorer())
+    return mining.RowScores(lambda rows: _score_loaded(scorer.score, corpus, rows))
+  head, activation = iap.load_params(iap_weights)
+  width = int(head['dense_0.kernel'].shape[0])
+  clip_folder = config.aesthetics.iap.get('clip_folder', '')
+  if not clip_folder:
+    if width != corpus.embeddings.shape[1]:
+      raise ValueError(f'config.aesthetics.iap.weights={iap_weights!r} reads {width}-wide '
+                       f'embeddings, the model being aligned makes '
+                       f'{corpus.embeddings.shape[1]}-wide ones: set '
+                       'config.aesthetics.iap.clip_folder to the CLIP the head was trained on')
+    return lambda rows: np.asarray(iap.apply(head, corpus.embeddings[rows],
+                                             activation=activation))
+  iap_cfg, iap_params = hf.load_hf_folder(clip_folder)
+  if iap_cfg.embed_dim != width:
+    raise ValueError(f'config.aesthetics.iap.weights={iap_weights!r} reads {width}-wide '
+                     f'embeddings, config.aesthetics.iap.clip_folder={clip_folder!r} makes '
+                     f'{iap_cfg.embed_dim}-wide ones')
+  iap_clip = embed.Embedder(iap_cfg, iap_params, None)
+  predict = jax.jit(lambda e: iap.apply(head, e, activation=activation))
+
+  def score(images):
+    if images.shape[1:3] != (iap_cfg.image_size, iap_cfg.image_size):   # e.g. a 336 px CLIP
+      images = np.stack([images_lib.resize_and_center_crop(im, iap_cfg.image_size)
+                         for im in images])
+    return np.asarray(predict(iap_clip.images(images)))
+
+  return mining.RowScores(lambda rows: _score_loaded(score, corpus, rows))
+
+
+def mining_queries(config) -> list[str]:
+  """config.mine.queries_path's queries, else the world's mining queries; the first
+  config.mine.max_queries of them when that is > 0."""
+  if config.mine.queries_path:
+    queries = mining.load_queries(config.mine.queries_path)
+  else:
+    queries = [q.text for q in world_lib.World(config.world).mining_queries]
+  return queries[:config.mine.max_queries] if config.mine.max_queries > 0 else queries
+
+
 def mine_stage(config, workdir: str) -> str:
   """Rephrase, retrieve, re-rank and write D_po (aesalign_jax/mining.py); returns its path."""
   model_folder = pretrain_stage(config, workdir)
@@ -235,36 +472,38 @@ def mine_stage(config, workdir: str) -> str:
 
   def run_mine(stage_dir):
     cfg, params, tok = _load_model_folder(model_folder)
-    world = world_lib.World(config.world)
-    corpus, ids = corpus_index(config, workdir, cfg, params)
-    queries = [q.text for q in world.mining_queries]
-    if config.mine.max_queries > 0:
-      queries = queries[:config.mine.max_queries]
+    cfg = _with_numerics(cfg, config.model)
+    corpus = (real_mining_corpus if real_data(config) else world_mining_corpus)(
+        config, workdir, cfg, params)
+    queries = mining_queries(config)
     with rephrase.make_rephraser(config.rephrase,
                                  os.path.join(stage_dir, 'rephrase_cache.jsonl')) as rephraser:
       rephrased = rephraser.rephrase_batch(queries)
-    if iap_weights:
-      head, activation = iap.load_params(iap_weights)
-      aesthetic_fn = lambda rows: np.asarray(iap.apply(head, corpus[rows],
-                                                       activation=activation))
-    else:
-      scorer = lowlevel.LowLevelScorer()
-      aesthetic_fn = lambda rows: scorer.score(world.render_batch(ids[rows].astype(int)))
     embedder = embed.Embedder(cfg, params, tok)
-    result = mining.mine(queries, rephrased.texts, text_embed=embedder.texts, corpus=corpus,
-                         ids=ids, aesthetic_fn=aesthetic_fn, c=config.mine, u=u, v=v,
-                         truth=WorldTruth(world, ids))
+    result = mining.mine(queries, rephrased.texts, text_embed=embedder.texts,
+                         corpus=corpus.embeddings, ids=corpus.ids,
+                         aesthetic_fn=aesthetic_scores_fn(config, iap_weights, corpus),
+                         c=config.mine, u=u, v=v, truth=corpus.truth)
     preference.write_groups(out, result.groups)
-    summary = {**result.summary, 'rephrase': rephrased.summary(), 'dpo_path': out}
+    summary = {**result.summary, **corpus.summary, 'rephrase': rephrased.summary(),
+               'dpo_path': out}
     with open(os.path.join(stage_dir, 'summary.json'), 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=2)
     _print_mining_summary(summary)
     return summary
 
-  cached_stage('mine', workdir, {'model': _fingerprint_file(model_folder),
-                                 'iap': iap_weights and _fingerprint_file(iap_weights),
-                                 'mine': config.mine.to_dict(), 'rephrase': config.rephrase.to_dict(),
-                                 'uv': [u, v], 'world': config.world.to_dict()}, run_mine)
+  sections = {'model': _fingerprint_file(model_folder),
+              'iap': iap_weights and _fingerprint_file(iap_weights),
+              'mine': config.mine.to_dict(), 'rephrase': config.rephrase.to_dict(),
+              'uv': [u, v], **_corpus_sections(config)}
+  if config.mine.queries_path:
+    sections['queries'] = _fingerprint_file(config.mine.queries_path)
+  if iap_weights and config.aesthetics.iap.get('clip_folder'):
+    sections['iap_clip'] = _fingerprint_file(config.aesthetics.iap.clip_folder)
+  if real_data(config):
+    sections['aesthetics'] = config.aesthetics.to_dict()
+    sections['numerics'] = [config.model.dtype, config.model.get('attention', 'auto')]
+  cached_stage('mine', workdir, sections, run_mine)
   return out
 
 
@@ -273,6 +512,10 @@ def _print_mining_summary(s: dict) -> None:
   lines = [f"mining: {s['queries']} queries, {r['fallbacks']} rephrase fallbacks, "
            f"{s['records']} records ({len(s['skipped'])} skipped), {s['pairs']} pairs, "
            f"{s['seconds']:.1f} s"]
+  if 'corpus_records' in s:
+    lines.append(f"  corpus: {s['corpus_indexed']} images indexed of {s['corpus_records']} "
+                 f"records ({s['corpus_unreadable']} unreadable, left out); "
+                 f"{s['unscorable_images']} retrieved images could not be scored")
   top = [k for k in s if k.endswith('_gt_aesthetic_original')]
   if top:
     n = top[0].split('_')[0]
@@ -303,55 +546,179 @@ def align_stage(config, workdir: str) -> str:
 
   def run_align(stage_dir):
     cfg, params, tok = _load_model_folder(start_folder)
-    world = world_lib.World(config.world)
+    cfg = _with_numerics(cfg, config.model)
     mesh = sharding.make_mesh(config.mesh)
     processes = jax.process_count()
-    pairs = iter(pipeline.make_batched_source_pipeline(
-        world.split_range('train'), world.batch, batch_size=c.batch_size // processes,
-        seed=config.seed + 1, tokenize=tok))
+    if real_data(config):
+      source = corpus_source(config)
+      pairs = iter(corpus_pairs_pipeline(config, source, tok,
+                                         batch_size=c.batch_size // processes,
+                                         seed=config.seed + 1))
+      ids = pipeline.source_ids(source)
+      _check_groups_in_corpus(groups_source, set(ids), path, config)
+      lookup = preference.source_image_lookup(source, ids=ids)
+      workers = config.data.worker_count   # decoding u*v images per group
+    else:
+      world = world_lib.World(config.world)
+      pairs = iter(pipeline.make_batched_source_pipeline(
+          world.split_range('train'), world.batch, batch_size=c.batch_size // processes,
+          seed=config.seed + 1, tokenize=tok))
+      lookup, workers = preference.world_image_lookup(world), 0
     groups = iter(preference.make_preference_pipeline(
-        groups_source, preference.world_image_lookup(world), tok,
-        batch_size=c.groups_per_step // processes, seed=config.seed))
+        groups_source, lookup, tok, batch_size=c.groups_per_step // processes,
+        seed=config.seed, worker_count=workers))
     result = train.fit(kind='align', c=c, model_cfg=cfg, init_params=params,
                        iterators={'pairs': pairs, 'groups': groups}, mesh=mesh,
                        rules=config.rules, workdir=stage_dir, seed=config.seed)
     last = _save_trained('align', result, cfg, tok, out)
-    return {'steps': result.step, 'groups': len(groups_source), 'model': out,
-            **{k: float(last[k]) for k in ('loss', 'dpo_loss', 'contrastive_loss',
-                                           'rewards/accuracies') if k in last}}
+    summary = {'steps': result.step, 'groups': len(groups_source), 'model': out,
+               **{k: float(last[k]) for k in ('loss', 'dpo_loss', 'contrastive_loss',
+                                              'rewards/accuracies') if k in last}}
+    if real_data(config):
+      summary['groups_dropped'] = groups_source.stats()['skipped_at_read']
+      summary['corpus'] = source.stats()
+    return summary
 
   cached_stage('align', workdir, {'align': c.to_dict(), 'start': _fingerprint_file(start_folder),
                                   'dpo': _fingerprint_file(path)}, run_align)
   return out
 
 
+def _check_groups_in_corpus(groups_source, corpus_ids: set, path: str, config) -> None:
+  """Refuses D_po whose groups all name images outside the corpus (the training stream would
+  drop every group and never yield a batch); warns with the count when only some do."""
+  outside = [r for r in range(len(groups_source))
+             if not set(groups_source[r].image_ids) <= corpus_ids]
+  if len(outside) == len(groups_source):
+    raise ValueError(f'D_po file {path} (config.align.dpo_path or the mine stage): no group has '
+                     f'all its images in the corpus config.data ({config.data.source} '
+                     f'{config.data.path or config.data.tfds_name!r}); was it mined from '
+                     'another corpus?')
+  if outside:
+    logging.warning('%s: %d of %d groups name images outside the corpus; they are dropped',
+                    path, len(outside), len(groups_source))
+
+
 def _fingerprint_file(path: str) -> str:
   """Changes when the file (or a folder's model.safetensors) changes: size and mtime."""
-  target = os.path.join(path, hf.WEIGHTS_FILE) if os.path.isdir(path) else path
+  target = path
+  if os.path.isdir(path):   # a model folder: its weights (one file or a sharded index)
+    target = next((os.path.join(path, name) for name in (hf.WEIGHTS_FILE, hf.INDEX_FILE)
+                   if os.path.exists(os.path.join(path, name))),
+                  os.path.join(path, hf.CONFIG_FILE))
   st = os.stat(target)
   return f'{target}:{st.st_size}:{st.st_mtime_ns}'
 
 
 def eval_stage(config, workdir: str) -> str:
-  """PT, PT+rephrase and aligned, evaluated side by side; writes workdir/eval/report.*."""
+  """PT, PT+rephrase and aligned, evaluated side by side; writes workdir/eval/report.*.
+  On the embedded world, or on the corpus of config.data (eval_corpus)."""
   pt_folder = pretrain_stage(config, workdir)
   aligned_folder = align_stage(config, workdir)
   iap_weights = aesthetic_stage(config, workdir)
 
   def run_eval(stage_dir):
     from aesalign_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-    world = world_lib.World(config.world)
-    report = report_lib.evaluate(config, world, _load_model_folder(pt_folder),
-                                 _load_model_folder(aligned_folder), iap_weights, stage_dir)
+    pt_model, aligned_model = _load_model_folder(pt_folder), _load_model_folder(aligned_folder)
+    if real_data(config):
+      # The numerics the mine stage embedded the corpus with (bf16 on a real config).
+      pt_model, aligned_model = ((_with_numerics(m[0], config.model), *m[1:])
+                                 for m in (pt_model, aligned_model))
+      corpus = eval_corpus(config, workdir, stage_dir, pt_model, aligned_model, iap_weights)
+      report = report_lib.evaluate(config, None, pt_model, aligned_model, iap_weights,
+                                   stage_dir, stage_summaries=_stage_summaries(workdir),
+                                   corpus=corpus)
+    else:
+      world = world_lib.World(config.world)
+      report = report_lib.evaluate(config, world, pt_model, aligned_model, iap_weights,
+                                   stage_dir, stage_summaries=_stage_summaries(workdir))
     print(report_lib.markdown(report), flush=True)
     return {'report': os.path.join(stage_dir, 'report.md')}
 
-  cached_stage('eval', workdir, {'pt': _fingerprint_file(pt_folder),
-                                 'aligned': _fingerprint_file(aligned_folder),
-                                 'evals': config.evals.to_dict(), 'judge': config.judge.to_dict(),
-                                 'hpir_world': config.hpir_world.to_dict(),
-                                 'rephrase': config.rephrase.to_dict()}, run_eval)
+  sections = {'pt': _fingerprint_file(pt_folder), 'aligned': _fingerprint_file(aligned_folder),
+              'evals': config.evals.to_dict(), 'judge': config.judge.to_dict(),
+              'hpir_world': config.hpir_world.to_dict(), 'rephrase': config.rephrase.to_dict()}
+  files = {f'{name}.{key}': _fingerprint_file(e[key]) for name, e in config.evals.items()
+           for key in ('queries_path', 'path') if hasattr(e, 'get') and e.get(key)
+           and e.get('enabled', True) and isinstance(e[key], str) and os.path.exists(e[key])}
+  if files:   # the evals' own files (held-out queries, an HPIR file)
+    sections['eval_files'] = files
+  if real_data(config):
+    sections.update(_corpus_sections(config), aesthetics=config.aesthetics.to_dict(),
+                    iap=iap_weights and _fingerprint_file(iap_weights),
+                    index=config.mine.embeddings_dir,
+                    numerics=[config.model.dtype, config.model.get('attention', 'auto')])
+    if iap_weights and config.aesthetics.iap.get('clip_folder'):
+      sections['iap_clip'] = _fingerprint_file(config.aesthetics.iap.clip_folder)
+  cached_stage('eval', workdir, sections, run_eval)
   return os.path.join(workdir, 'eval')
+
+
+def eval_corpus(config, workdir: str, stage_dir: str, pt_model, aligned_model,
+                iap_weights: Optional[str]):
+  """The corpus of config.data for the eval stage (evaluation.report.Corpus): its rows are the
+  mine stage's corpus index (real_mining_corpus: PT's embeddings, reused, not recomputed; the
+  images that failed to decode left out); the aligned model embeds the same rows into
+  stage_dir/aligned_index (over the mesh, resumable). Scorers: the IAP head as mining scores
+  it (on aesthetics.iap.clip_folder's embeddings, or PT's own) when there are weights, and the
+  low-level score (aesthetics.lowlevel)."""
+  from aesalign_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
+  pt_cfg, pt_params, _ = pt_model
+  corpus = real_mining_corpus(config, workdir, pt_cfg, pt_params)
+  cfg, params, _ = aligned_model
+  folder = os.path.join(stage_dir, 'aligned_index')
+  mesh = sharding.make_mesh(config.mesh)
+  retrieval_index.embed_corpus(
+      retrieval_index.image_embed_fn(cfg, params, mesh=mesh, rules=config.rules),
+      lambda rows: corpus.images(rows)[0], corpus.ids, folder,
+      fingerprint=retrieval_index.fingerprint_params(params),
+      batch_size=_embed_batch_size(mesh, len(corpus.ids)), mesh=mesh, rules=config.rules)
+  aligned_emb, aligned_ids = retrieval_index.load_index(folder, dtype=np.float32)
+  if aligned_ids.astype(str).tolist() != corpus.ids.tolist():   # (embed_corpus keeps the order)
+    raise ValueError(f'{folder}: the aligned index\'s ids are not the corpus rows\' ids')
+  scorers = {}
+  if iap_weights:
+    scorers['iap'] = aesthetic_scores_fn(config, iap_weights, corpus)
+  low = lowlevel.LowLevelScorer(config.aesthetics.lowlevel)
+  scorers['lowlevel'] = mining.RowScores(lambda rows: _score_loaded(low.score, corpus, rows))
+  summary = {**corpus.summary, 'index_pt': config.mine.embeddings_dir or
+             os.path.join(workdir, 'mine', 'index'), 'index_aligned': folder}
+  summary.update(_held_out_overlap(config))
+  return report_lib.Corpus(ids=corpus.ids, images=lambda rows: corpus.images(rows)[0],
+                           scorers=scorers, summary=summary,
+                           embeddings={'PT': corpus.embeddings,
+                                       'PT+rephrase': corpus.embeddings,
+                                       'aligned': aligned_emb})
+
+
+def _held_out_overlap(config) -> dict:
+  """Counts (and warns about) eval queries that are also mining queries: the aligned model was
+  trained on those, so they are not held out."""
+  if not config.mine.queries_path:
+    return {}
+  mined = set(mining_queries(config))
+  out = {}
+  for name, e in config.evals.items():
+    if (hasattr(e, 'get') and e.get('enabled', True) and e.get('type', name) == 'topk_quality'
+        and e.get('queries_path')):
+      both = [q for q in mining.load_queries(e.queries_path) if q in mined]
+      out[f'{name}_queries_also_mined'] = len(both)
+      if both:
+        logging.warning('config.evals.%s.queries_path: %d queries are also mining queries '
+                        '(config.mine.queries_path), so not held out; e.g. %s', name,
+                        len(both), both[:3])
+  return out
+
+
+def _stage_summaries(workdir: str) -> dict:
+  """The summaries the finished stages wrote (stage.json), by stage name, for the report."""
+  out = {}
+  for name in ('tokenizer', 'pretrain', 'aesthetic', 'mine', 'align'):
+    marker = os.path.join(workdir, name, 'stage.json')
+    if os.path.exists(marker):
+      with open(marker, encoding='utf-8') as f:
+        out[name] = json.load(f)['summary']
+  return out
 
 
 def export_stage(config, workdir: str) -> str:

@@ -62,7 +62,8 @@ def _pairwise_step(cfg, c, tx, online: bool):
 
 
 def compare(groups: int, repeats: int, cfg: clip.ClipConfig | None = None,
-            peak_gflops: float | None = None) -> dict:
+            peak_gflops: float | None = None, max_seconds: float | None = None) -> dict:
+  """Times the three steps in alternation (`repeats` rounds, fewer once max_seconds passed)."""
   c = train.default_config('align')
   c.u = c.v = 5
   c.lam = 0.0
@@ -110,7 +111,7 @@ def compare(groups: int, repeats: int, cfg: clip.ClipConfig | None = None,
 
   t = interleaved_medians({'listwise': run_list, 'pairwise': run_pair(pw, pair_step),
                            'pairwise_online_ref': run_pair(pwo, pair_online)},
-                          warmup=1, repeats=repeats)
+                          warmup=1, repeats=repeats, max_seconds=max_seconds)
   flops = metrics.clip_flops(cfg, images=groups * n, texts=groups)
   peak = peak_gflops or matmul_peak_gflops()
   return {

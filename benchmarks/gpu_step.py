@@ -4,7 +4,8 @@ ratio. Sized to finish in about 5 minutes on one H100.
 
   python -m benchmarks.gpu_step [--preset vit_b16] [--batches 1024,768,512,256] [--out FILE]
 
-On CPU it runs at a tiny size (`--preset tiny --batches 16,8`) so it stays tested where no GPU is.
+On CPU it runs at a tiny size (`--preset tiny --batches 16,8`); tests/test_benchmarks.py runs
+`run` so at a tiny size, so it stays tested where no GPU is.
 """
 
 import argparse
@@ -90,6 +91,32 @@ def largest_fitting(cfg, kind, batches, groups_for, steps) -> dict:
   raise RuntimeError(f'{kind}: no batch in {batches} fits')
 
 
+def run(cfg: clip.ClipConfig, batches, *, steps: int = 10,
+        kinds=('pretrain', 'align', 'dpo'), dpo_groups: int | None = None) -> dict:
+  """Train steps of `cfg` at the largest batch of `batches` that fits, for each of `kinds`
+  (pretrain, align: MFU against a matmul peak measured here; dpo: listwise vs pairwise)."""
+  on_gpu = jax.default_backend() == 'gpu'
+  peak = matmul_peak_tflops(jnp.dtype(cfg.dtype), 8192 if on_gpu else 1024)
+  print(f'device {jax.devices()[0].device_kind}; measured matmul peak {peak:.1f} TFLOP/s',
+        flush=True)
+  result = {'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+            'dtype': cfg.dtype, 'matmul_peak_tflops': peak, 'jax': jax.__version__}
+  for kind in [k for k in ('pretrain', 'align') if k in kinds]:
+    r = largest_fitting(cfg, kind, batches, lambda b: max(1, b // 32), steps)
+    r['mfu'] = r['tflops_per_s'] / peak
+    result[kind] = r
+    print(json.dumps(r), flush=True)
+  if 'dpo' in kinds:
+    # One group on GPU: the pairwise step encodes 2 images per pair (400 per group at u=v=5);
+    # 8 ViT-B/16 groups asked for 227 GiB on an H100.
+    groups = dpo_groups or (1 if on_gpu else 2)
+    ratio = dpo_speed.compare(groups=groups, repeats=5, cfg=cfg, peak_gflops=peak * 1e3)
+    result['dpo_listwise_vs_pairwise'] = ratio
+    print(f"listwise/pairwise {ratio['listwise_over_pairwise']:.1f}x, with online reference "
+          f"{ratio['listwise_over_pairwise_online_ref']:.1f}x", flush=True)
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--preset', default='vit_b16')
@@ -100,28 +127,9 @@ def main():
   args = parser.parse_args()
   on_gpu = jax.default_backend() == 'gpu'
   cfg = clip.preset(args.preset, dtype='bfloat16' if on_gpu else 'float32')
-  batches = [int(b) for b in args.batches.split(',')]
-  peak = matmul_peak_tflops(jnp.bfloat16 if on_gpu else jnp.float32, 8192 if on_gpu else 1024)
-  print(f'device {jax.devices()[0].device_kind}; measured matmul peak {peak:.1f} TFLOP/s',
-        flush=True)
-  result = {'device': jax.devices()[0].device_kind, 'preset': args.preset, 'dtype': cfg.dtype,
-            'matmul_peak_tflops': peak, 'jax': jax.__version__}
-  kinds = args.kinds.split(',')
-  for kind in [k for k in ('pretrain', 'align') if k in kinds]:
-    r = largest_fitting(cfg, kind, batches, lambda b: max(1, b // 32), args.steps)
-    r['mfu'] = r['tflops_per_s'] / peak
-    result[kind] = r
-    print(json.dumps(r), flush=True)
-  if 'dpo' not in kinds:
-    print(json.dumps(result))
-    return
-  # One group on GPU: the pairwise step encodes 2 images per pair (400 per group at u=v=5);
-  # 8 ViT-B/16 groups asked for 227 GiB on an H100.
-  ratio = dpo_speed.compare(groups=2 if not on_gpu else 1, repeats=5, cfg=cfg,
-                            peak_gflops=peak * 1e3)
-  result['dpo_listwise_vs_pairwise'] = ratio
-  print(f"listwise/pairwise {ratio['listwise_over_pairwise']:.1f}x, with online reference "
-        f"{ratio['listwise_over_pairwise_online_ref']:.1f}x", flush=True)
+  result = run(cfg, [int(b) for b in args.batches.split(',')], steps=args.steps,
+               kinds=args.kinds.split(','))
+  result['preset'] = args.preset
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=2)

@@ -3,7 +3,8 @@ CLIPModel, same shapes, same inputs, same machine, timed in alternation in one r
 
   python -m benchmarks.model_speed [--quick]
 
-Prints seconds per step and the ratio torch_time / our_time (> 1: ours is faster).
+Prints seconds per step and the ratio torch_time / our_time (> 1: ours is faster). torch runs
+on every core, or on one thread where that is faster now (benchmarks/torch_threads.py).
 """
 
 import argparse
@@ -15,21 +16,22 @@ import numpy as np
 
 from aesalign_jax import losses
 from aesalign_jax.models import clip, hf
+from benchmarks import torch_threads
 from benchmarks.timing import interleaved_medians
 
 
 def _torch_step(model, pixels, ids, mask):
-  import torch
   model.zero_grad(set_to_none=True)
   out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
   out.loss.backward()
   return out.loss
 
 
-def compare(preset: str, batch: int, repeats: int) -> dict:
+def compare(preset: str, batch: int, repeats: int, **overrides) -> dict:
+  """overrides: ClipConfig fields changed from the preset (e.g. vision_layers=1)."""
   import torch
   import transformers
-  cfg = clip.preset(preset)
+  cfg = clip.preset(preset, **overrides)
   params = clip.init_params(cfg)
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
@@ -54,11 +56,17 @@ def compare(preset: str, batch: int, repeats: int) -> dict:
   theirs = lambda: _torch_step(model, tx[0], tx[1], tx[2])
   # Same loss value: the two implementations compute the same function.
   ours_loss = float(step(params, *jx)[0])
-  theirs_loss = float(theirs())
-  t = interleaved_medians({'ours': ours, 'torch': theirs}, warmup=2, repeats=repeats)
-  return {'preset': preset, 'batch': batch, 'ours_s': t['ours'], 'torch_s': t['torch'],
+  theirs_loss = float(theirs().detach())
+  threads = torch.get_num_threads()
+  try:
+    chosen = torch_threads.use_fastest_threads(theirs)
+    t = interleaved_medians({'ours': ours, 'torch': theirs}, warmup=2, repeats=repeats)
+  finally:
+    torch.set_num_threads(threads)
+  return {'preset': preset, 'overrides': overrides, 'batch': batch, 'ours_s': t['ours'],
+          'torch_s': t['torch'],
           'torch_over_ours': t['torch'] / t['ours'], 'loss_ours': ours_loss,
-          'loss_torch': theirs_loss, 'torch_threads': torch.get_num_threads()}
+          'loss_torch': theirs_loss, **chosen}
 
 
 def run(quick: bool = False) -> dict:
@@ -74,5 +82,6 @@ if __name__ == '__main__':
   for row in result['model_fwd_bwd_vs_transformers']:
     print(f"{row['preset']:8s} batch {row['batch']}: ours {row['ours_s']*1e3:8.1f} ms, "
           f"transformers {row['torch_s']*1e3:8.1f} ms, ratio torch/ours "
-          f"{row['torch_over_ours']:.2f} (losses {row['loss_ours']:.4f} vs {row['loss_torch']:.4f})")
+          f"{row['torch_over_ours']:.2f} (losses {row['loss_ours']:.4f} vs "
+          f"{row['loss_torch']:.4f})")
   print(json.dumps(result))

@@ -25,8 +25,9 @@ from benchmarks.timing import interleaved_medians
 from input_pipeline import world as world_lib
 
 
-def embed_throughput(num_images: int, batch_size: int = 256) -> dict:
-  cfg = clip.preset('tiny')
+def embed_throughput(num_images: int, batch_size: int = 256, **overrides) -> dict:
+  """overrides: ClipConfig fields changed from the tiny preset (e.g. vision_layers=1)."""
+  cfg = clip.preset('tiny', **overrides)
   params = clip.init_params(cfg, seed=0)
   world = world_lib.World(num_train=0, num_eval=num_images, num_hpir_pool=0)
   ids = world.split_indices('eval')
@@ -58,7 +59,7 @@ def _unit(x):
 
 
 def topk_speed(n: int, dim: int, num_queries: int, k: int, repeats: int,
-               chunk_size: int = 65536) -> dict:
+               chunk_size: int = 65536, max_seconds: float | None = None) -> dict:
   rng = np.random.default_rng(0)
   corpus = _unit(rng.normal(size=(n, dim)).astype(np.float32))
   queries = _unit(rng.normal(size=(num_queries, dim)).astype(np.float32))
@@ -77,7 +78,7 @@ def topk_speed(n: int, dim: int, num_queries: int, k: int, repeats: int,
     row['faiss_threads'] = faiss.omp_get_max_threads()
   except ImportError:
     row['faiss'] = 'not installed (pip install aesalign[faiss])'
-  t = interleaved_medians(fns, warmup=1, repeats=repeats)
+  t = interleaved_medians(fns, warmup=1, repeats=repeats, max_seconds=max_seconds)
   row.update({f'{name}_s': s for name, s in t.items()})
   ours = fns['ours_device_corpus']()[1]
   if 'faiss_flat_ip' in fns:

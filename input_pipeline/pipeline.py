@@ -42,6 +42,7 @@ grain writes one JSON file per process (process_<i>-of-<n>.json).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import grain
@@ -51,6 +52,8 @@ from grain.experimental import ThreadPrefetchIterDataset
 
 from input_pipeline import images as images_lib
 from input_pipeline import sources as sources_lib
+
+log = logging.getLogger(__name__)
 
 # Keys sources use to flag bad records; the pipeline consumes and removes them.
 VALID_KEY = "valid"
@@ -274,3 +277,66 @@ def make_batched_source_pipeline(
   if prefetch_buffer_size > 0:
     it_ds = ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch_buffer_size)
   return it_ds
+
+
+# ------------------------------------------------------------------------------ corpus access
+# The mining stage and the D_po image lookup read a corpus source by record (not as a
+# shuffled stream): ids without decoding, and images of given records, decoded in threads.
+
+def source_ids(source: Any) -> list[str]:
+  """The record ids of a corpus source, in record order, read without decoding any image.
+
+  `source.ids` if the source has it; the index of a folder / JSONL / CSV source; "name:i" for
+  a tfds source without an id feature (TfdsSource's default id). Any other source is read
+  record by record (every image decoded once), with a warning.
+  """
+  ids = getattr(source, "ids", None)
+  if ids is not None:
+    return [str(i) for i in ids]
+  # pylint: disable-next=protected-access  (the package's own sources; ids are index-time data)
+  entries = getattr(source, "_entries", None)
+  if isinstance(source, sources_lib._PathCaptionSource) and entries is not None:
+    return [entry.id for entry in entries]
+  if isinstance(source, sources_lib.TfdsSource) and source.id_key is None:
+    return [f"{source.name}:{i}" for i in range(len(source))]
+  log.warning("%r has no `ids`: reading every record once to index them (this "
+              "decodes every image)", source)
+  return [str(source[i]["id"]) for i in range(len(source))]
+
+
+class RecordImages:
+  """Images of a corpus source's records by position, decoded by a pool of threads.
+
+      images, valid = RecordImages(source)(positions)   # uint8 [n, S, S, 3], bool [n]
+
+  A record the source flags invalid (an undecodable or oversized image) comes back black with
+  valid False, and is reported once to `source.record_read_failure` (counted in
+  source.stats()) and to `on_invalid(position, error)` if given.
+  """
+
+  def __init__(self, source: Any, *, threads: int = 8,
+               on_invalid: Callable[[int, str], None] | None = None):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    self.source = source
+    self._on_invalid = on_invalid
+    self._report = getattr(source, "record_read_failure", None)
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads),
+                                                       thread_name_prefix="record_images")
+
+  def __call__(self, positions) -> tuple[np.ndarray, np.ndarray]:
+    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
+    records = list(self._pool.map(self.source.__getitem__, positions))
+    valid = np.array([bool(r.get(VALID_KEY, True)) for r in records], bool)
+    for position, record, ok in zip(positions, records, valid):
+      if not ok:
+        error = str(record.get(ERROR_KEY, f"record {position}"))
+        if self._report is not None:
+          self._report(error)
+        if self._on_invalid is not None:
+          self._on_invalid(position, error)
+    if not records:
+      return np.zeros((0, 0, 0, 3), np.uint8), valid
+    return np.stack([np.asarray(r["image"], np.uint8) for r in records]), valid
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=False)

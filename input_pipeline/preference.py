@@ -543,13 +543,7 @@ class _SourceImageLookup:
   """ids -> images of an id-keyed corpus source (records with 'id', 'image', 'valid')."""
 
   def __init__(self, source, ids: Sequence[str] | None):
-    if ids is None:
-      ids = getattr(source, "ids", None)
-    if ids is None:
-      log.warning("source_image_lookup: %r has no `ids`; reading every record once to index "
-                  "them (this decodes every image; pass ids= to avoid it)", source)
-      ids = [str(source[i]["id"]) for i in range(len(source))]
-    ids = list(ids)
+    ids = list(pipeline_lib.source_ids(source) if ids is None else ids)
     if len(ids) != len(source):
       raise ValueError(f"source_image_lookup: {len(ids)} ids for {len(source)} records of "
                        f"{source!r}")
@@ -578,9 +572,11 @@ class _SourceImageLookup:
 def source_image_lookup(source, *, ids: Sequence[str] | None = None) -> ImageLookup:
   """Images by id from a random-access corpus source (sources.py records: 'id', 'image').
 
-  The id -> position dict is built once, from `ids` (aligned with the source's records),
-  else `source.ids`, else by reading every record's 'id' (slow: it decodes the images).
-  Unknown ids and records flagged invalid raise MissingImageError (the group is dropped).
+  The id -> position dict is built once, from `ids` (aligned with the source's records), else
+  from pipeline.source_ids(source): the index of a folder / JSONL / CSV / tfds source, read
+  without decoding; another source without `ids` is read once (slow: it decodes the images).
+  Unknown ids and records flagged invalid raise MissingImageError (the group is dropped), so
+  D_po mined from a corpus (config.data) finds its images in the same corpus at align time.
   """
   return _SourceImageLookup(source, ids)
 

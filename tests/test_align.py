@@ -105,3 +105,41 @@ def test_regulariser_bounds_contrastive_drift_and_lambda_zero_drifts_more(aligne
   print(f'held-out InfoNCE: pretrained {loss0:.4f}, lambda=1 {loss1:.4f}, lambda=0 {loss_nolam:.4f}')
   assert loss1 - loss0 < CONTRASTIVE_RISE_BOUND
   assert loss_nolam - loss0 > loss1 - loss0 + 0.02
+
+
+def test_one_pass_encoding_of_pairs_and_groups_equals_two_passes():
+  """The align loss encodes pairs and D_po groups in one pass per tower; the result must be
+  the two-pass loss (contrastive + DPO) and its gradient, also when split into 2 shards."""
+  from aesalign_jax.models import clip
+  cfg = clip.preset('tiny', vision_layers=1, text_layers=1)
+  params = clip.init_params(cfg)
+  rng = np.random.default_rng(0)
+  c = train.default_config('align')
+  c.u = c.v = 2
+  b, g, n, t = 4, 2, 4, cfg.context_length
+  batch = {'pairs': {'image': rng.integers(0, 255, (b, 32, 32, 3), dtype=np.uint8),
+                     'ids': rng.integers(0, 1000, (b, t)).astype(np.int32),
+                     'eos_index': rng.integers(2, t, (b,)).astype(np.int32)},
+           'groups': {'images': rng.integers(0, 255, (g, n, 32, 32, 3), dtype=np.uint8),
+                      'ids': rng.integers(0, 1000, (g, t)).astype(np.int32),
+                      'eos_index': rng.integers(2, t, (g,)).astype(np.int32),
+                      'ref_scores': rng.normal(0, 0.1, (g, n)).astype(np.float32)}}
+
+  def two_pass(p):
+    closs, _ = train.contrastive_loss(cfg, p, batch['pairs'], kind='infonce',
+                                      label_smoothing=c.label_smoothing)
+    dloss, _ = train.dpo_loss(cfg, p, batch['groups'], batch['groups']['ref_scores'], c)
+    return dloss + c.lam * closs
+
+  want, want_grad = jax.value_and_grad(two_pass)(params)
+  one_pass = train.make_loss_fn(cfg, c, 'align')
+  got, got_grad = jax.value_and_grad(lambda p: one_pass(p, batch, None)[0])(params)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
+  # Per-shard concatenation: each shard's block holds its own pairs, then its own groups.
+  joined, sizes = train._concat_per_shard([np.arange(4), np.arange(10, 18)], 2)
+  np.testing.assert_array_equal(joined, [0, 1, 10, 11, 12, 13, 2, 3, 14, 15, 16, 17])
+  back = train._split_per_shard(joined, sizes, 2)
+  np.testing.assert_array_equal(back[0], np.arange(4))
+  np.testing.assert_array_equal(back[1], np.arange(10, 18))

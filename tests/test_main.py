@@ -66,6 +66,7 @@ def test_all_mode_runs_every_stage_then_skips_them_on_rerun(smoke_workdir):
 
 def test_report_has_every_number_finite_for_the_three_systems(smoke_workdir):
   import json
+  from PIL import Image
   workdir, _ = smoke_workdir
   report = json.loads((workdir / 'eval' / 'report.json').read_text())
   assert sorted(report['metrics']) == ['PT', 'PT+rephrase', 'aligned']
@@ -75,9 +76,86 @@ def test_report_has_every_number_finite_for_the_three_systems(smoke_workdir):
       assert np.isfinite(metrics[key]), (system, key)
     assert all(np.isfinite(v) for v in metrics.values()), system
   for comparison in ('aligned vs PT', 'aligned vs PT+rephrase'):
-    rates = report['judge'][comparison]['rates']['aesthetic']
-    assert abs(rates['win'] + rates['similar'] + rates['lose'] - 1) < 1e-9
-  assert '| hpir/aesthetic |' in (workdir / 'eval' / 'report.md').read_text()
+    result = report['judge']['world'][comparison]
+    assert result['num_judged'] == result['num_queries'] > 0
+    for aspect in ('accuracy', 'aesthetic'):
+      rates = result['rates'][aspect]
+      assert abs(rates['win'] + rates['similar'] + rates['lose'] - 1) < 1e-9
+  # The findings quote the numbers they compare, and IAP vs low-level is among them.
+  findings = {f['finding']: f for f in report['findings']}
+  assert len(findings) == 6
+  iap = next(f for text, f in findings.items() if 'IAP' in text)
+  assert iap['values']['IAP'] == report['stages']['aesthetic']['iap_spearman_vs_truth']
+  assert all(np.isfinite(v) for f in findings.values() for v in f['values'].values())
+  text = (workdir / 'eval' / 'report.md').read_text()
+  for piece in ('| hpir/aesthetic |', '## Findings', 'IAP predictor', '## Config',
+                '"num_eval_queries"', '| world | aligned vs PT | aesthetic |'):
+    assert piece in text, piece
+  for name in ('retrieval_grid.png', 'training_curves.png', 'tradeoff.png'):
+    assert f'({name})' in text
+    with Image.open(workdir / 'eval' / name) as png:
+      pixels = np.asarray(png.convert('L'), np.float32)
+    assert min(pixels.shape) >= 300 and pixels.std() > 10, name   # drawn, not blank
+
+
+def test_eval_with_the_openai_judge_counts_refusals_and_malformed_answers(
+    smoke_workdir, tmp_path, monkeypatch):
+  """The eval stage's openai judge against a loopback LMM: every 5th call is refused, every
+  7th is malformed; those queries are excluded and counted, the rest parsed, nothing crashes."""
+  import http.server
+  import itertools
+  import json
+  import threading
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  from aesalign_jax import stages
+  from aesalign_jax.evaluation import report as report_lib
+  from configs import default
+  from input_pipeline import world as world_lib
+  from loopback import chat_answer, send_json, serving
+
+  counter, lock = itertools.count(1), threading.Lock()
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def do_POST(self):
+      body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+      assert sum(p['type'] == 'image_url' for p in body['messages'][-1]['content']) > 0
+      with lock:
+        n = next(counter)
+      if n % 5 == 0:
+        text = "I'm sorry, I can't compare these images."
+      elif n % 7 == 0:
+        text = '{"accuracy": "A", "aesthetic": "perhaps"}'
+      else:
+        text = '{"accuracy": "A", "aesthetic": "B"}'
+      send_json(self, 200, chat_answer(text))
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  server.daemon_threads = True
+  workdir, _ = smoke_workdir
+  config = default.get_config('smoke')
+  config.judge.update(kind='openai', base_url=f'http://127.0.0.1:{server.server_address[1]}/v1',
+                      model='loopback-vision', api_key_env='AESALIGN_TEST_EVAL_KEY',
+                      timeout_s=10.0, max_concurrency=4, max_images_per_group=3)
+  with serving(server, monkeypatch, 'AESALIGN_TEST_EVAL_KEY', 'sk-eval-secret'):
+    report = report_lib.evaluate(
+        config, world_lib.World(config.world),
+        stages._load_model_folder(str(workdir / 'pretrain' / 'model')),
+        stages._load_model_folder(str(workdir / 'align' / 'model')),
+        str(workdir / 'aesthetic' / 'iap.safetensors'), str(tmp_path),
+        stage_summaries=stages._stage_summaries(str(workdir)))
+  for comparison, result in report['judge']['openai'].items():
+    assert 0 < result['failures'] < result['num_queries'], comparison
+    assert result['num_judged'] + result['failures'] == result['num_queries']
+    # Always "A" for accuracy and "B" for aesthetic: with the order swapped, "similar".
+    for aspect in ('accuracy', 'aesthetic'):
+      assert result['rates'][aspect]['similar'] == 1.0
+  assert report['judge']['world']['aligned vs PT']['failures'] == 0
+  assert 'sk-eval-secret' not in (tmp_path / 'report.json').read_text()
+  assert '| openai | aligned vs PT | aesthetic |' in (tmp_path / 'report.md').read_text()
 
 
 def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, tmp_path):

@@ -43,6 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.weights = ""
   # CLIP image embedding width the head reads (768 for ViT-L/14).
   c.embed_dim = 768
+  # The CLIP (a Hugging Face folder) whose image embeddings the head reads when mining;
+  # "" = the model being aligned, whose embeddings must then be embed_dim wide. The LAION
+  # head reads OpenAI ViT-L/14 embeddings: name a ViT-L/14 folder to align a ViT-B model.
+  c.clip_folder = ""
   # "none" for the published linearMSE weights, "relu" for the reluMSE variant. A weights
   # file records its own activation, which must agree.
   c.activation = "none"

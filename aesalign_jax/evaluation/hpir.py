@@ -249,6 +249,18 @@ def write_hpir(path: str | os.PathLike, items: Iterable[HPIRItem]) -> int:
   return n
 
 
+def default_config():
+  """An HPIR section of config.evals (type 'hpir'; evaluation/report.py's HPIREvaluator
+  scores each system on the file, metrics '<section>/accuracy', '<section>/aesthetic')."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.type = 'hpir'
+  # An HPIR-format JSON Lines file (the format above): the paper's HPIR, were it released,
+  # or your own labelled comparisons. '' = skip (no HPIR numbers).
+  c.path = ''
+  return c
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring.
 

@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.type = 'topk_quality'
   c.k = 10                       # images kept per query
   # 'world': corpus = the world's `split`, queries = its held-out eval queries; 'corpus':
-  # the context's corpus_images (rows -> uint8), corpus_size and queries (strings).
+  # the context's corpus_images (rows -> uint8) and corpus_size, and the context's queries
+  # (strings) or else those of `queries_path` (a real run's held-out queries).
   c.source = 'world'
   c.split = 'eval'
   c.max_queries = 0              # first N queries only (0 = all)
@@ -106,7 +107,9 @@ def topk_quality(topk_emb: np.ndarray, aesthetic: Mapping[str, np.ndarray],
   topk_emb: [Q, k, D] embeddings of the retrieved images (for diversity);
   aesthetic: scorer name -> scores [Q, k]; relevant: bool [Q, k] or None.
   """
-  out = {f'aesthetic/{name}': float(np.mean(s)) for name, s in aesthetic.items()}
+  # NaN: an image that failed to load when scored (a real corpus); left out of the mean.
+  out = {f'aesthetic/{name}': float(np.nanmean(s) if np.isnan(s).any() else np.mean(s))
+         for name, s in aesthetic.items()}
   if relevant is not None:
     out['precision'] = float(np.mean(relevant))
   out['diversity'] = float(np.nanmean(pairwise_diversity(topk_emb))) if topk_emb.shape[1] > 1 \
@@ -169,10 +172,13 @@ def world_scorers(world, corpus_indices: np.ndarray, *, lowlevel=True,
 class TopKQualityEvaluator(common.Evaluator):
   """Top-k aesthetics / precision / diversity per system (config: default_config).
 
-  Context: `world` (source 'world') or `corpus_images`, `corpus_size`, `queries` (source
-  'corpus'); optional `scorers` (name -> RowScorer on this evaluator's corpus rows; default
-  in the world: world_scorers), `relevance` (source 'corpus'), `reference_embeddings` (fixed
-  space for diversity), `mesh`. `results` keeps each system's TopK by system name.
+  Context: `world` (source 'world') or `corpus_images`, `corpus_size` and `queries` (else
+  the section's queries_path is read) (source 'corpus'); optional `scorers` (name ->
+  RowScorer on this evaluator's corpus rows; default in the world: world_scorers),
+  `relevance`, `corpus_ids` and `corpus_embeddings` (system name -> [N, D], that system's
+  embeddings of the corpus rows when already computed, e.g. a stored index; others embed
+  the corpus themselves) (source 'corpus'), `reference_embeddings` (fixed space for
+  diversity), `mesh`. `results` keeps each system's TopK by system name.
   """
 
   def __init__(self, config, **kwargs):
@@ -192,13 +198,30 @@ class TopKQualityEvaluator(common.Evaluator):
       return ([q.text for q in queries], lambda rows: world.render_batch(idx[rows]), len(idx),
               idx, relevance, lambda: world_scorers(world, idx), f'world:{c.split}:{len(idx)}')
     if c.source == 'corpus':
-      queries = [str(q) for q in self.need('queries')]
+      queries = [str(q) for q in self._corpus_queries()]
       if c.max_queries:
         queries = queries[:c.max_queries]
       n = int(self.need('corpus_size'))
       return (queries, self.need('corpus_images'), n, self.context.get('corpus_ids'),
               self.context.get('relevance'), dict, f'corpus:{n}')
     raise ValueError(f"evals.{self.name}.source={c.source!r}: expected 'world' or 'corpus'")
+
+  def _corpus_queries(self) -> list:
+    """The context's queries, else those of the section's queries_path (text, one a line,
+    or JSON Lines {"query": ...}: the mine stage's reader)."""
+    if self.context.get('queries') is not None:
+      return list(self.context['queries'])
+    path = self.config.get('queries_path', '')
+    if not path:
+      raise ValueError(f"evals.{self.name}: source 'corpus' needs queries_path (the held-out "
+                       'queries file), or queries given to make_evaluators')
+    if getattr(self, '_queries', None) is None:
+      from aesalign_jax import mining  # pylint: disable=g-import-not-at-top
+      try:
+        self._queries = mining.load_queries(path)
+      except ValueError as e:
+        raise ValueError(f'config.evals.{self.name}.queries_path={path!r} holds no query') from e
+    return self._queries
 
   def run(self, system: common.System) -> dict[str, float]:
     c = self.config
@@ -211,9 +234,16 @@ class TopKQualityEvaluator(common.Evaluator):
         raise ValueError(f'evals.{self.name}.scorers names {missing}; available: '
                          f'{sorted(scorers)}')
       scorers = {name: scorers[name] for name in c.scorers}
-    corpus_emb = self.cache.get(system, key, lambda: np.concatenate([
-        system.embed_images(load(np.arange(s, min(n, s + c.batch_size))))
-        for s in range(0, n, c.batch_size)]))
+    given = (self.context.get('corpus_embeddings') or {}) if c.source == 'corpus' else {}
+    if system.name in given:
+      corpus_emb = np.asarray(given[system.name], np.float32)
+      if len(corpus_emb) != n:
+        raise ValueError(f'evals.{self.name}: corpus_embeddings[{system.name!r}] has '
+                         f'{len(corpus_emb)} rows for a corpus of {n}')
+    else:
+      corpus_emb = self.cache.get(system, key, lambda: np.concatenate([
+          system.embed_images(load(np.arange(s, min(n, s + c.batch_size))))
+          for s in range(0, n, c.batch_size)]))
     metrics, top = evaluate_topk(
         system, queries, corpus_emb, k=c.k, scorers=scorers, relevance=relevance, ids=ids,
         diversity_emb=self.context.get('reference_embeddings'), chunk_size=c.chunk_size,
