@@ -3,8 +3,8 @@ CLIPModel, same shapes, same inputs, same machine, timed in alternation in one r
 
   python -m benchmarks.model_speed [--quick]
 
-Prints seconds per step and the ratio torch_time / our_time (> 1: ours is faster). torch runs
-on every core, or on one thread where that is faster now (benchmarks/torch_threads.py).
+Prints seconds per step and the ratio torch_time / our_time (> 1: ours is faster). torch's
+step is timed on every core and on one thread; the faster counts (benchmarks/torch_threads.py).
 """
 
 import argparse
@@ -17,7 +17,7 @@ import numpy as np
 from aesalign_jax import losses
 from aesalign_jax.models import clip, hf
 from benchmarks import torch_threads
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_times
 
 
 def _torch_step(model, pixels, ids, mask):
@@ -59,14 +59,15 @@ def compare(preset: str, batch: int, repeats: int, **overrides) -> dict:
   theirs_loss = float(theirs().detach())
   threads = torch.get_num_threads()
   try:
-    chosen = torch_threads.use_fastest_threads(theirs)
-    t = interleaved_medians({'ours': ours, 'torch': theirs}, warmup=2, repeats=repeats)
+    times = interleaved_times({'ours': ours, **torch_threads.variants('torch', theirs)},
+                              warmup=2, repeats=repeats)
   finally:
     torch.set_num_threads(threads)
+  t = {'ours': float(np.median(times['ours'])), **torch_threads.fastest('torch', times)}
   return {'preset': preset, 'overrides': overrides, 'batch': batch, 'ours_s': t['ours'],
-          'torch_s': t['torch'],
-          'torch_over_ours': t['torch'] / t['ours'], 'loss_ours': ours_loss,
-          'loss_torch': theirs_loss, **chosen}
+          'torch_s': t['torch_s'], 'torch_over_ours': t['torch_s'] / t['ours'],
+          'loss_ours': ours_loss, 'loss_torch': theirs_loss,
+          'torch_threads': t['torch_threads'], 'torch_s_by_threads': t['torch_s_by_threads']}
 
 
 def run(quick: bool = False) -> dict:

@@ -10,8 +10,9 @@ from the same function: the first step's losses must agree (checked, else an err
 step is open_clip's training loop (training/train.py) without data loading: zero_grad,
 forward, ClipLoss, backward, global-norm clipping, AdamW (their parameter groups: no decay on
 gains, biases, logit scale), and the logit-scale clamp. Ours is train.make_train_step with
-label smoothing off (ClipLoss has none). torch runs on every core, or on one thread where
-that is faster on the machine as loaded now (benchmarks/torch_threads.py).
+label smoothing off (ClipLoss has none). torch's step is timed on every core and on one
+thread; the faster counts (benchmarks/torch_threads.py: on a loaded machine one thread can
+win).
 
 open_clip: `pip install --no-deps open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth` next to the CPU
 torch (its other needs, regex, tqdm, huggingface_hub and safetensors, come with transformers).
@@ -28,7 +29,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import types
@@ -307,12 +307,11 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
   fns['ours'] = ours
   if theirs is not None:
     row['loss_open_clip'] = theirs.loss()
-    fns['open_clip'] = theirs
+    fns.update(torch_threads.variants('open_clip', theirs))
   peak = steps.Matmul(matmul_n)
   fns['matmul'] = peak
   if theirs is not None:
-    threads = theirs.torch.get_num_threads()
-    theirs.torch.set_num_threads(os.cpu_count() or 1)
+    threads = theirs.torch.get_num_threads()   # restored after the timing
   try:
     # The first (warm-up) step of each runs at the shared initial weights: its loss is the
     # same function evaluated twice.
@@ -323,13 +322,15 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
       if diff > loss_rtol * max(1.0, abs(row['loss_ours'])):
         raise AssertionError(f"ours and open_clip compute different losses at the same "
                              f"weights: {row['loss_ours']:.6f} vs {row['loss_open_clip']:.6f}")
-      row.update(torch_threads.use_fastest_threads(theirs, tries=1))
     times = timing.interleaved_times(fns, warmup=max(warmup - 1, 0), repeats=repeats,
                                      max_seconds=max_seconds)
   finally:
     if theirs is not None:
       theirs.torch.set_num_threads(threads)
   med = {name: float(np.median(t)) for name, t in times.items()}
+  if theirs is not None:
+    row.update(torch_threads.fastest('open_clip', times))
+    med['open_clip'] = row['open_clip_s']
   peak_gflops = peak.flops / med['matmul'] / 1e9
   row.update(
       ours_s=med['ours'], matmul_n=matmul_n, matmul_peak_gflops=peak_gflops,
@@ -337,7 +338,7 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
       ours_mfu=ours.flops / med['ours'] / 1e9 / peak_gflops,
       timings={name: timing.spread(t) for name, t in times.items()})
   if theirs is not None:
-    row.update(open_clip_s=med['open_clip'], open_clip_over_ours=med['open_clip'] / med['ours'],
+    row.update(open_clip_over_ours=med['open_clip'] / med['ours'],
                open_clip_mfu=ours.flops / med['open_clip'] / 1e9 / peak_gflops)
   return row
 

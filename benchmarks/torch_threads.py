@@ -3,32 +3,45 @@
 torch's CPU ops run on OpenMP threads that wait for each other at every op. When the machine
 is busier than its cores (other processes running), one descheduled thread stalls the rest:
 on 2 cores at load 8, a 1-layer CLIP step took 2 s with 2 threads and 0.03 s with 1. XLA's
-thread pool does not wait that way. So before timing, `use_fastest_threads` times a torch
-step at every core and at one thread, and keeps the faster: on an idle machine that is every
-core (the setting open_clip's training uses), on a loaded one it may be one.
+thread pool does not wait that way. So the benchmarks time torch's step twice per round, on
+every core (the setting open_clip's training uses, best on an idle machine) and on one
+thread, in alternation with ours, and compare ours with the faster of the two.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable
 
+import numpy as np
 
-def use_fastest_threads(step: Callable[[], object], tries: int = 2) -> dict:
-  """Sets torch's thread count to the faster of os.cpu_count() and 1 for `step`; returns
-  {'torch_threads': chosen, 'torch_threads_probe_s': {threads: best of `tries` seconds}}."""
+
+def thread_counts() -> tuple:
+  """Every core, and one thread (once each on a 1-core machine)."""
+  return tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
+
+
+def with_threads(step: Callable[[], object], threads: int) -> Callable[[], object]:
+  """step, run with torch set to `threads` threads."""
   import torch  # pylint: disable=g-import-not-at-top
-  cores = os.cpu_count() or 1
-  probe = {}
-  for threads in dict.fromkeys((cores, 1)):
+
+  def run():
     torch.set_num_threads(threads)
-    times = []
-    for _ in range(tries):
-      start = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - start)
-    probe[threads] = min(times)
-  chosen = min(probe, key=probe.get)
-  torch.set_num_threads(chosen)
-  return {'torch_threads': chosen, 'torch_threads_probe_s': probe}
+    return step()
+
+  return run
+
+
+def variants(name: str, step: Callable[[], object]) -> dict:
+  """{f'{name}@{n}': step on n threads} for each of thread_counts()."""
+  return {f'{name}@{n}': with_threads(step, n) for n in thread_counts()}
+
+
+def fastest(name: str, times: dict) -> dict:
+  """From interleaved times of variants(name, ...): the faster variant's median seconds
+  (`{name}_s`), its thread count, and every variant's median."""
+  medians = {int(k.split('@')[1]): float(np.median(t)) for k, t in times.items()
+             if k.startswith(name + '@')}
+  best = min(medians, key=medians.get)
+  return {f'{name}_s': medians[best], 'torch_threads': best,
+          'torch_s_by_threads': {str(n): s for n, s in medians.items()}}

@@ -7,16 +7,12 @@ compare the same function (open_clip's loss equals ours at the same weights).
 
 import json
 import math
-import os
-import sys
 
 import pytest
 
 from aesalign_jax.models import clip
 
-# benchmarks/ is not an installed package: import it from the checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import gpu_step, run_all  # pylint: disable=wrong-import-position
+from benchmarks import gpu_step, run_all   # from the checkout (pytest's pythonpath)
 
 
 @pytest.fixture(scope='module')

@@ -1,27 +1,19 @@
 """Sharded InfoNCE (each device scores its own rows against all gathered columns) equals the
 dense CLIP InfoNCE on one device: loss, gradients and metrics, on 8 fake CPU devices."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from workers import run_worker
 
 from aesalign_jax import losses, sharding, train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope='module')
 def cases():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(HERE, 'contrastive_sharded_worker.py')],
-                       capture_output=True, text=True, env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return [json.loads(line) for line in out.stdout.strip().splitlines()]
+  return run_worker('contrastive_sharded_worker.py')
 
 
 def _case(cases, kind, mesh, row_chunk=0):

@@ -1,24 +1,16 @@
 """train.fit on 8 fake CPU devices (mesh data=2, fsdp=4) runs ViT-B/32-shaped align steps that
 match the same steps on one device, and hands back parameters sharded as the specs say."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from workers import run_worker
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope='module')
 def result():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(HERE, 'fit_multidevice_worker.py')],
-                       capture_output=True, text=True, env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return run_worker('fit_multidevice_worker.py')[-1]
 
 
 def test_every_step_runs_with_finite_losses(result):

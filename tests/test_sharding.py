@@ -1,27 +1,19 @@
 """Sharded contrastive loss on 8 fake CPU devices matches one device; weights really shard."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
+from workers import run_worker
 
 from aesalign_jax import sharding
 from aesalign_jax.models import clip
 
-HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope='module')
 def mesh_results():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_contrastive.py')],
-                       capture_output=True, text=True, env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return {json.dumps(r['mesh'], sort_keys=True): r
-          for r in map(json.loads, out.stdout.strip().splitlines())}
+  return {json.dumps(r['mesh'], sort_keys=True): r for r in run_worker('sharded_contrastive.py')}
 
 
 def _result(results, **mesh):
@@ -90,11 +82,7 @@ def test_every_parameter_has_logical_axes_of_its_rank():
 
 
 def test_sharded_align_step_matches_one_device():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_contrastive.py'), 'align'],
-                       capture_output=True, text=True, env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+  r = run_worker('sharded_contrastive.py', 'align')[-1]
   assert abs(r['loss'] - r['ref_loss']) <= 1e-5 * abs(r['ref_loss']), r
   assert abs(r['dpo_loss'] - r['ref_dpo_loss']) <= 1e-5 * abs(r['ref_dpo_loss']), r
   assert r['mu_fc1_spec'] == ['fsdp', 'tensor']   # Adam moments shard like their weights
