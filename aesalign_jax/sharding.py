@@ -161,6 +161,19 @@ def constrain(x, logical_axes: Sequence[Optional[str]]):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_axes(rules) -> tuple:
+  """The mesh axes the logical 'batch' axis maps to (() when it is not split)."""
+  spec = logical_to_spec(('batch',), rules)[0]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_devices(mesh: Optional[Mesh], rules) -> int:
+  """Devices the batch dimension is split over (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in batch_axes(rules)]))
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   """Sharding of an input array whose leading dimension is the batch."""
   return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules))

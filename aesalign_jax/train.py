@@ -167,12 +167,11 @@ def contrastive_sharding(c, mesh, rules) -> Optional[ShardedContrastive]:
     if impl == 'sharded':
       raise ValueError('contrastive_impl=sharded needs the mesh (make_train_step(mesh=...))')
     return None
-  spec = sharding.logical_to_spec(('batch',), rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  if not axes or (impl == 'auto' and batch_shards(mesh, rules) == 1):
+  axes = sharding.batch_axes(rules)
+  if not axes or (impl == 'auto' and sharding.batch_devices(mesh, rules) == 1):
     if impl == 'sharded':
       logging.warning('contrastive_impl=sharded: the batch is not split over any mesh axis '
-                      '(rules map "batch" to %r); using the dense loss', spec)
+                      '(rules map "batch" to %r); using the dense loss', axes)
     return None
   return ShardedContrastive(mesh, axes, int(c.get('contrastive_row_chunk', 0)))
 
@@ -260,15 +259,6 @@ def _contrastive_metrics(closs, caux) -> dict:
   return {'contrastive_loss': closs, **{f'contrastive/{k}': v for k, v in caux.items()}}
 
 
-def batch_shards(mesh, rules) -> int:
-  """Devices the batch dimension is split over (1 without a mesh)."""
-  if mesh is None:
-    return 1
-  spec = sharding.logical_to_spec(('batch',), rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
 def make_loss_fn(cfg: clip.ClipConfig, c, kind: str, mesh=None, rules=None):
   """loss(params, batch, ref_params) -> (loss, metrics) for one (micro-)batch.
 
@@ -277,7 +267,7 @@ def make_loss_fn(cfg: clip.ClipConfig, c, kind: str, mesh=None, rules=None):
   """
   rules = sharding.DEFAULT_RULES if rules is None else rules
   shard = contrastive_sharding(c, mesh, rules)
-  shards = batch_shards(mesh, rules)
+  shards = sharding.batch_devices(mesh, rules)
 
   def loss_fn(params, batch, ref_params):
     params = _maybe_freeze(params, c.optim.freeze)

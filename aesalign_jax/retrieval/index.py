@@ -271,12 +271,6 @@ class _RowReader:
 
 # --- embedding --------------------------------------------------------------------------------
 
-def _batch_devices(mesh, rules) -> int:
-  spec = sharding.logical_to_spec(('batch',), rules)[0]
-  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return int(np.prod([mesh.shape[a] for a in names])) if names else 1
-
-
 def _sync_processes(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -330,7 +324,7 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
   put = None
   if mesh is not None:
     rules = sharding.DEFAULT_RULES if rules is None else rules
-    ndev = _batch_devices(mesh, rules)
+    ndev = sharding.batch_devices(mesh, rules)
     if batch_size % ndev:
       raise ValueError(f'embed_corpus: batch_size={batch_size} is not a multiple of the '
                        f'{ndev} devices on the mesh\'s batch axes')
