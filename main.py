@@ -79,7 +79,7 @@ def main(argv):
   logging.info('%s', sharding.describe(mesh))
   logging.info('model: %s', model_cfg)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  stages.run(FLAGS.mode, config, FLAGS.workdir)
+  stages.run(FLAGS.mode, config, FLAGS.workdir, mesh)
 
 
 if __name__ == '__main__':

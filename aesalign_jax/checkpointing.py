@@ -44,22 +44,12 @@ from typing import Any, Mapping, Optional
 import grain
 import jax
 from etils import epath
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 STATE_ITEM = 'state'
 DATA_ITEM_PREFIX = 'data_'
 _NAME_RE = re.compile(r'^[A-Za-z0-9_-]+$')
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the checkpoint section."""
-  c = ml_collections.ConfigDict()
-  c.save_interval_steps = 1000   # save when step % interval == 0 (and at the end / SIGTERM)
-  c.max_to_keep = 3              # newest complete checkpoints kept; older ones are deleted
-  c.async_save = True            # write files in a background thread while training goes on
-  return c
 
 
 def _absolute(directory) -> str:

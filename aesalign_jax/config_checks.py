@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from aesalign_jax import models, sharding, train
+from aesalign_jax import models, retrieval, sharding, train
 from aesalign_jax.models import hf
 
 PLACEHOLDER = '/path/to/'   # how configs/real.py marks a path the user must set
@@ -62,6 +62,7 @@ def validate(config, num_devices: int | None = None, *, check_inputs: bool = Tru
     train.validate(config.pretrain, 'pretrain')
     batches.insert(0, 'pretrain.batch_size')
   train.validate(config.align, 'align')
+  retrieval.validate(config.retrieval)
   if check_inputs and config.aesthetics.kind == 'iap' and iap.weights and iap.get('clip_folder'):
     width = _checkpoint_embed_dim(iap.clip_folder)   # (check_input_paths: the folder exists)
     if width != iap.embed_dim:
@@ -171,8 +172,8 @@ def check_input_paths(config) -> None:
 
 
 def check_stages_read(config) -> None:
-  """Refuses what aesalign_jax/stages.py cannot do yet with the inputs named, rather than
-  silently running on the embedded world instead."""
+  """Refuses what the stages cannot do with the inputs named: what needs ground truth (the
+  embedded world is the one corpus with it) on a corpus without it."""
   problems = []
   real = config.data.source != 'world'
   a = config.aesthetics
@@ -185,23 +186,18 @@ def check_stages_read(config) -> None:
       continue
     kind = e.get('type', name)
     key = f'config.evals.{name}'
-    if kind == 'topk_quality' and real and e.get('source') != 'corpus':
-      problems.append(f"{key}.source={e.get('source')!r}: on a real corpus (config.data) "
-                      "top-k quality reads the corpus: set it to 'corpus' (with queries_path)")
-    elif kind == 'topk_quality' and real and not e.get('queries_path'):
+    if kind == 'retrieval' and e.get('source') not in ('corpus', 'data'):
+      problems.append(f"{key}.source={e.get('source')!r}: expected 'corpus' or 'data'")
+    if kind == 'topk_quality' and real and not e.get('queries_path'):
       problems.append(f'{key}.queries_path is empty: top-k quality on the corpus needs the '
                       'held-out queries (a text file, one a line, or JSON Lines {"query"})')
-    elif kind == 'topk_quality' and not real and e.get('source') != 'world':
-      problems.append(f"{key}.source={e.get('source')!r}: on the embedded world top-k quality "
-                      "reads the world's split (source 'world'); 'corpus' needs config.data")
-    if real and ((kind == 'retrieval' and e.get('source') == 'world')
-                 or (kind == 'zeroshot' and str(e.get('task')).startswith('world'))):
+    if real and kind == 'zeroshot' and str(e.get('task')).startswith('world'):
       problems.append(f'{key} evaluates on the embedded world, not on real data: give it a '
-                      "data set (retrieval source 'data', zero-shot task 'tfds') or disable it "
+                      "data set (zero-shot task 'tfds') or disable it "
                       f'(--{key[len("config."):]}.enabled=False)')
   if real and config.judge.kind == 'world':
     problems.append("config.judge.kind='world' judges by the embedded world's ground truth, "
                     "which real data do not have: set it to 'scorer' or 'openai'")
   if problems:
-    raise ValueError('inputs the stages cannot read yet (aesalign_jax/stages.py):\n  '
+    raise ValueError('inputs the stages cannot read (aesalign_jax/stages/):\n  '
                      + '\n  '.join(problems))

@@ -18,26 +18,12 @@ mean of the explicit pairwise losses).
 
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 PAIR_RULES = ("product", "row", "column")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the `losses` config section."""
-  c = ml_collections.ConfigDict()
-  c.dpo = ml_collections.ConfigDict()
-  c.dpo.beta = 0.1  # DPO inverse temperature on delta (> 0)
-  c.dpo.loss_type = "sigmoid"  # one of DPO_LOSS_TYPES
-  c.dpo.label_smoothing = 0.0  # conservative DPO eps in [0, 0.5); sigmoid loss only
-  c.contrastive = ml_collections.ConfigDict()
-  c.contrastive.kind = "infonce"  # "infonce" (CLIP) or "siglip"
-  c.contrastive.label_smoothing = 0.0  # InfoNCE target smoothing in [0, 1)
-  return c
 
 
 def _as_float(x):

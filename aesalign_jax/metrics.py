@@ -46,22 +46,11 @@ import time
 from typing import Any, Callable, Mapping, Optional, TextIO
 
 import jax
-import ml_collections
 import numpy as np
 
 from aesalign_jax.models.clip import ClipConfig
 
 JSONL_NAME = 'metrics.jsonl'
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the logging section."""
-  c = ml_collections.ConfigDict()
-  c.log_every = 50                  # steps per console line / TensorBoard / JSONL record
-  c.peak_tflops_per_device = 0.0    # for MFU: e.g. 197 (TPU v5e bf16), 989 (H100 bf16);
-                                    # 0 = unknown, MFU not reported
-  c.progress_bar = True             # a tqdm bar when stderr is a terminal
-  return c
 
 
 # Analytic FLOPs.

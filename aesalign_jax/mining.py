@@ -28,8 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aesalign_jax import losses
-from aesalign_jax.retrieval import search
+from aesalign_jax import losses, retrieval
 from input_pipeline import preference
 
 
@@ -38,15 +37,14 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.top_k = 200             # K: images retrieved per rephrased query
   c.stride = 4              # s: pick positions 0, s, 2s, ... of the semantic order
-  c.corpus_size = 50_000    # world only: the first N training images form the corpus (a real
-                            # corpus, config.data, is used whole)
+  c.corpus_size = 50_000    # the first N rows of the corpus are mined (0 = all of it): the
+                            # world's training split is 200k images, a real corpus is usually
+                            # used whole
   c.embeddings_dir = ''     # an existing corpus index (retrieval.index) of the reference model,
                             # ids = corpus record ids; '' = build one under workdir/mine/index
   # Mining queries: a text file, one query a line, or JSON Lines ({"query": ...} a line; a
   # .jsonl / .json file); '' = the embedded world's mining queries.
   c.queries_path = ''
-  c.chunk_size = 65_536     # corpus rows per top-K chunk on device
-  c.approx = False          # jax.lax.approx_max_k (fast on TPU) instead of exact top-K
   c.max_queries = -1        # -1: every mining query; N: the first N
   c.summary_top = 10        # top-n of the first-finding measurement (world only)
   return c
@@ -141,7 +139,8 @@ def grid_pick(order: np.ndarray, aesthetic: np.ndarray, u: int, v: int, stride: 
 
 def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callable,
          corpus: np.ndarray, ids: np.ndarray, aesthetic_fn: Callable[[np.ndarray], np.ndarray],
-         c, u: int, v: int, mesh=None, truth: Optional[Truth] = None) -> MiningResult:
+         c, u: int, v: int, truth: Optional[Truth] = None,
+         searcher: Optional[retrieval.Searcher] = None) -> MiningResult:
   """Groups for `queries` (with their rephrasings) against a corpus index.
 
   text_embed: list[str] -> unit vectors [Q, D] (the reference model);
@@ -149,14 +148,18 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
   aesthetic_fn: corpus rows [M] -> aesthetic scores [M] (higher = better); NaN for a row it
     cannot score (e.g. an image that fails to decode): such rows leave the candidates and are
     counted in the summary ('unscorable_images').
+  searcher: the top-K search (retrieval.make_searcher(config.retrieval, mesh)); None = the
+    device searcher of retrieval.default_config() on the default device.
   """
   validate(c, u, v)
+  if searcher is None:
+    searcher = retrieval.make_searcher(retrieval.default_config())
   start = time.time()
   need = c.stride * u * v
   q_emb = text_embed(list(queries))
   r_emb = text_embed(list(rephrased))
   k = min(c.top_k, len(corpus))
-  _, cand = search.topk(r_emb, corpus, k, chunk_size=c.chunk_size, mesh=mesh, approx=c.approx)
+  _, cand = searcher.topk(r_emb, corpus, k)
   groups, skipped, unscorable = [], [], set()
   for qi, query in enumerate(queries):
     rows = cand[qi]
@@ -194,16 +197,17 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
     logging.warning('mining: %d retrieved images could not be scored and were left out',
                     len(unscorable))
   if truth is not None:
-    summary.update(_world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, mesh, truth))
+    summary.update(_world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, searcher,
+                                   truth))
   summary['seconds'] = round(time.time() - start, 2)
   return MiningResult(groups, summary)
 
 
-def _world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, mesh, truth) -> dict:
+def _world_measures(queries, q_emb, r_emb, groups, corpus, c, u, v, searcher, truth) -> dict:
   """The first finding, on-topic rate and pair correctness, from the world's ground truth."""
   n = min(c.summary_top, len(corpus))
-  _, top_plain = search.topk(q_emb, corpus, n, chunk_size=c.chunk_size, mesh=mesh)
-  _, top_reph = search.topk(r_emb, corpus, n, chunk_size=c.chunk_size, mesh=mesh)
+  _, top_plain = searcher.topk(q_emb, corpus, n)
+  _, top_reph = searcher.topk(r_emb, corpus, n)
   mean_gt = lambda tops: float(np.mean([truth.aesthetic(t).mean() for t in tops]))
   rel = lambda tops: float(np.mean([truth.relevant(q, t).mean() for q, t in zip(queries, tops)]))
   mask = losses.pair_mask(u, v, 'product')

@@ -49,6 +49,12 @@ def schedule(c, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=c.lr * c.end_lr_ratio)
 
 
+def global_norm(tree):
+  """The global L2 norm of a gradient tree (the figure grad_norm logs and the guard checks)."""
+  tree_lib = getattr(optax, 'tree', None)   # optax >= 0.2.5; global_norm is deprecated there
+  return tree_lib.norm(tree) if tree_lib and hasattr(tree_lib, 'norm') else optax.global_norm(tree)
+
+
 def _tower_multipliers(c, params) -> dict:
   mult = {'vision': c.vision_lr_mult, 'text': c.text_lr_mult}
   if c.freeze:

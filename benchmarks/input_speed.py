@@ -3,7 +3,7 @@
   python -m benchmarks.input_speed [--quick]
 
 1. The world's image-text pipeline exactly as the pretrain stage builds it
-   (stages.world_pairs_pipeline: grain, vectorised rendering, BPE tokenisation; default
+   (Corpus.pairs_pipeline of the world corpus: grain, vectorised rendering, BPE tokenisation; default
    config: batch 128, no worker processes) in batches/s, against the tiny model's pretrain
    steps/s at the same batch, and an fp32 matmul (the step's MFU).
 2. The preference-group pipeline as the align stage builds it
@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from aesalign_jax import tokenizer as tokenizer_lib
+from input_pipeline import corpus as corpus_lib
 from benchmarks import steps, timing
 
 
@@ -70,7 +71,7 @@ class Setup:
 
 
 def make_setup(quick: bool) -> Setup:
-  from aesalign_jax import stages  # pylint: disable=g-import-not-at-top
+  from aesalign_jax.stages import context  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   from input_pipeline import world as world_lib  # pylint: disable=g-import-not-at-top
   config = default.get_config()
@@ -84,7 +85,7 @@ def make_setup(quick: bool) -> Setup:
     tok = tokenizer_lib.train_bpe(world.captions(np.arange(1000 if quick else 5000)),
                                   vocab_size=config.tokenizer.vocab_size, folder=folder,
                                   context_length=config.tokenizer.context_length)
-  cfg = stages._model_with_tokenizer(config, tok)  # pylint: disable=protected-access
+  cfg = context.model_with_tokenizer(config.model, tok)
   if quick:
     cfg = dataclasses.replace(cfg, vision_layers=1, text_layers=1)
   return Setup(config, world, tok, cfg)
@@ -112,8 +113,9 @@ def _measure(pipe: PipelineRun, step: steps.TrainStep, *, repeats, max_seconds,
 def pairs_vs_pretrain(s: Setup, *, batches: int = 16, repeats: int = 5,
                       max_seconds: float | None = None, matmul_n: int = 2048) -> dict:
   """The pretrain stage's world pipeline vs the pretrain step at config.pretrain.batch_size."""
-  from aesalign_jax import stages  # pylint: disable=g-import-not-at-top
-  make = lambda: stages.world_pairs_pipeline(s.config, s.world, s.tok, seed=s.config.seed)
+  corpus = corpus_lib.WorldCorpus(s.world, 'train')
+  make = lambda: corpus.pairs_pipeline(
+      s.tok, batch_size=s.config.pretrain.batch_size, seed=s.config.seed, data=s.config.data)
   pipe = PipelineRun(make, batches)
   pipe()                                          # one batch for the step's shapes
   step = steps.TrainStep(s.cfg, s.config.pretrain, 'pretrain', {'pairs': pipe.batch})
@@ -121,7 +123,7 @@ def pairs_vs_pretrain(s: Setup, *, batches: int = 16, repeats: int = 5,
   row.update(batch_size=s.config.pretrain.batch_size, model='tiny',
              model_layers=(s.cfg.vision_layers, s.cfg.text_layers),
              image_size=s.cfg.image_size, worker_count=s.config.data.worker_count,
-             pipeline='stages.world_pairs_pipeline')
+             pipeline='WorldCorpus.pairs_pipeline')
   return row
 
 

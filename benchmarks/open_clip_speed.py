@@ -297,7 +297,7 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
                  torchvision=getattr(import_open_clip, 'torchvision', None) or _version(
                      'torchvision'),
                  open_clip_named_config_matches=(
-                     open_clip_config(cfg) == _named_config(open_clip, 'ViT-B-32')))
+                     open_clip_config(cfg) == named_config(open_clip, 'ViT-B-32')))
     except ImportError as e:
       row['open_clip_skipped'] = str(e)
   else:
@@ -350,7 +350,7 @@ def _version(module: str):
     return None
 
 
-def _named_config(open_clip, name: str) -> dict:
+def named_config(open_clip, name: str) -> dict:
   """open_clip's named config in our mapping's keys (defaults filled in)."""
   c = open_clip.get_model_config(name)
   v, t = dict(c['vision_cfg']), dict(c['text_cfg'])

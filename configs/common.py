@@ -10,14 +10,15 @@ import dataclasses
 
 import ml_collections
 
-from aesalign_jax import aesthetics, mining, rephrase, sharding, tokenizer, train
+from aesalign_jax import aesthetics, mining, rephrase, retrieval, sharding, stages, tokenizer
+from aesalign_jax import train
 from aesalign_jax.aesthetics import world_iap
 from aesalign_jax.evaluation import common as evals_common
 from aesalign_jax.evaluation import hpir_world, judge
 from aesalign_jax.models import clip
 from input_pipeline import pipeline, world
 
-MODES = ('all', 'pretrain', 'mine', 'align', 'eval', 'export')
+MODES = stages.MODES
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -58,19 +59,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config()
   c.tokenizer = tokenizer.default_config()
-  c.world = world.default_config()
   c.data = pipeline.default_config()
   shard = sharding.default_config()
   c.mesh = shard.mesh       # devices per axis (data, fsdp, tensor); -1 = the rest
   c.rules = shard.rules     # logical axis name -> mesh axes
   c.distributed = distributed_config()
   c.aesthetics = aesthetics.default_config()
-  c.world_iap = world_iap.default_config()
   c.rephrase = rephrase.default_config()
   c.mine = mining.default_config()
-  c.hpir_world = hpir_world.default_config()
+  c.retrieval = retrieval.default_config()
   c.evals = evals_common.default_config()
   c.judge = judge.default_config()
   c.pretrain = train.default_config('pretrain')
   c.align = train.default_config('align')
+  return c
+
+
+def add_world(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The embedded world as the corpus (config.data.source='world'), and the sections only a
+  world with ground truth reads: its generator, the IAP head trained on its simulated
+  ratings, and the HPIR-format benchmark drawn from it."""
+  c.data.source = 'world'
+  c.world = world.default_config()
+  c.world_iap = world_iap.default_config()
+  c.hpir_world = hpir_world.default_config()
   return c

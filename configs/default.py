@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   if unknown:
     raise ValueError(f'configs/default.py: unknown config arg(s) {sorted(unknown)}; '
                      'expected "smoke"')
-  c = common.base_config()
+  c = common.add_world(common.base_config())
   c.model.preset = 'tiny'
   c.tokenizer.folder = None                 # train a BPE on the world's captions
   c.tokenizer.vocab_size = 1024
@@ -24,7 +24,6 @@ def get_config(arg: str | None = None):
   # rephrased queries lost theirs: rephrasing could not help).
   c.tokenizer.context_length = 24
   c.model.overrides.context_length = 24
-  c.data.source = 'world'
   c.aesthetics.kind = 'iap'                 # an IAP head trained on the world's ratings
   c.rephrase.backend = 'lexicon'
   c.pretrain.steps = 800                    # 1,000 steps took the job past 10 minutes

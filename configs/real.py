@@ -113,7 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Mining D_po.
   c.mine.queries_path = '/path/to/queries/mining.txt'  # one query a line (or .jsonl {"query"})
-  c.mine.approx = on_tpu                   # approximate top-K (approx_max_k) is fast on TPU
+  c.mine.corpus_size = 0                   # the whole corpus
+  c.retrieval.approx = on_tpu              # approximate top-K (approx_max_k) is fast on TPU
 
   # The aesthetic model: the LAION improved aesthetic predictor, converted to safetensors
   # (python -m aesalign_jax.aesthetics.convert_laion_weights; README "Real runs").
@@ -178,7 +179,6 @@ def _evals() -> ml_collections.ConfigDict:
   z.templates = zeroshot.PHOTO_TEMPLATES   # prompts for natural photos
   e.zeroshot_imagenet = z
   t = topk_quality.default_config()
-  t.source = 'corpus'                      # the corpus of config.data, not the world
   # Held-out queries (none of mine.queries_path's), one a line or JSON Lines {"query": ...}.
   t.queries_path = '/path/to/queries/eval.txt'
   e.topk_quality = t

@@ -64,9 +64,11 @@ Tokenizer = Callable[[list[str]], Any]  # captions -> int token ids [B, L]
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the data section (source and pipeline)."""
+  """Defaults of a data section: which source, and how fast it is read. What a use reads
+  (batch size, seed, epochs, shuffling) is that use's own setting (e.g. pretrain.batch_size)."""
   c = ml_collections.ConfigDict()
-  c.source = "jsonl"            # 'folder' | 'jsonl' | 'csv' | 'tfds' (the world: its module)
+  c.source = "jsonl"            # 'world' (the embedded world: config.world) | 'folder' |
+                                # 'jsonl' | 'csv' | 'tfds'
   c.path = ""                   # folder, .jsonl or .csv file (folder/jsonl/csv)
   c.root = ""                   # corpus root for jsonl/csv image paths; '' = the file's folder
   c.image_size = 224            # S: records are uint8 [S, S, 3] (short side resize + crop)
@@ -77,23 +79,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.caption_key = ""            # tfds text feature for captions; '' = from the label
   c.label_key = "label"         # tfds ClassLabel feature that names the class
   c.caption_template = "a photo of a {}."  # caption from the class name
-  c.batch_size = 128            # per process
-  c.seed = 0                    # shuffle seed (same on every process; shards differ)
-  c.shuffle = True              # global shuffle of each process's shard, per epoch
-  c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
   c.worker_count = 0            # grain worker processes (0 = decode in this process)
   c.worker_buffer_size = 16     # records each worker keeps ready
   c.read_threads = 8            # threads reading/decoding records in each process
   c.read_buffer_size = 64       # records read ahead per process
   c.prefetch_buffer_size = 2    # batches prepared ahead in a background thread
-  c.drop_remainder = True       # drop the last partial batch (fixed shapes for jit)
-  c.normalize = False           # True: 'image' becomes CLIP-normalised float32
   return c
 
 
-def make_source(config: ml_collections.ConfigDict):
-  """Builds the folder / JSONL / CSV / tfds source named by the data config section."""
+def make_source(config: ml_collections.ConfigDict,
+                world: ml_collections.ConfigDict | None = None):
+  """The random-access record source the data config section names: the embedded world's
+  training split (source 'world'; `world` is the config's world section), or a folder /
+  JSONL / CSV / tfds source. Stages read it as a corpus (input_pipeline.corpus)."""
   kind = config.source
+  if kind == "world":
+    from input_pipeline import world as world_lib  # pylint: disable=g-import-not-at-top
+    if world is None:
+      raise ValueError("config.data.source='world' needs the config's `world` section")
+    return world_lib.World(world).split("train")
   common = dict(image_size=config.image_size)
   if kind in ("folder", "jsonl", "csv"):
     if not config.path:
@@ -109,22 +113,20 @@ def make_source(config: ml_collections.ConfigDict):
         config.tfds_name, split=config.tfds_split, data_dir=config.tfds_data_dir or None,
         caption_key=config.caption_key or None, label_key=config.label_key or None,
         caption_template=config.caption_template, **common)
-  raise ValueError(f"config.source={kind!r}: expected 'folder', 'jsonl', 'csv' or 'tfds'")
+  raise ValueError(f"config.source={kind!r}: expected 'world', 'folder', 'jsonl', 'csv' or "
+                   "'tfds'")
 
 
 def pipeline_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """make_pipeline's keyword arguments from the data config section.
+  """make_pipeline's reading keyword arguments (workers, threads, buffers) from a data section.
 
-  Usage: make_pipeline(make_source(config), **pipeline_kwargs(config)). The tokenizer and
-  element transforms are code, not config: pass them as extra keyword arguments.
+  Usage: make_pipeline(make_source(config), batch_size=..., seed=...,
+  **pipeline_kwargs(config)). What the use decides (batch size, seed, epochs, shuffling,
+  normalisation, the tokenizer, transforms) is passed beside them.
   """
-  return dict(
-      batch_size=config.batch_size, seed=config.seed, shuffle=config.shuffle,
-      num_epochs=config.num_epochs, normalize=config.normalize,
-      worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size,
-      read_threads=config.read_threads, read_buffer_size=config.read_buffer_size,
-      prefetch_buffer_size=config.prefetch_buffer_size,
-      drop_remainder=config.drop_remainder)
+  return dict(worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size,
+              read_threads=config.read_threads, read_buffer_size=config.read_buffer_size,
+              prefetch_buffer_size=config.prefetch_buffer_size)
 
 
 class _DropInvalid(grain.transforms.Filter):
@@ -286,17 +288,13 @@ def make_batched_source_pipeline(
 def source_ids(source: Any) -> list[str]:
   """The record ids of a corpus source, in record order, read without decoding any image.
 
-  `source.ids` if the source has it; the index of a folder / JSONL / CSV source; "name:i" for
-  a tfds source without an id feature (TfdsSource's default id). Any other source is read
+  `source.ids` if the source has it (a folder / JSONL / CSV source: from its index); "name:i"
+  for a tfds source without an id feature (TfdsSource's default id). Any other source is read
   record by record (every image decoded once), with a warning.
   """
   ids = getattr(source, "ids", None)
   if ids is not None:
     return [str(i) for i in ids]
-  # pylint: disable-next=protected-access  (the package's own sources; ids are index-time data)
-  entries = getattr(source, "_entries", None)
-  if isinstance(source, sources_lib._PathCaptionSource) and entries is not None:
-    return [entry.id for entry in entries]
   if isinstance(source, sources_lib.TfdsSource) and source.id_key is None:
     return [f"{source.name}:{i}" for i in range(len(source))]
   log.warning("%r has no `ids`: reading every record once to index them (this "

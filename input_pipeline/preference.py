@@ -52,7 +52,6 @@ import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grain
-import ml_collections
 import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
@@ -71,19 +70,6 @@ _RECORD_KEYS = ("version", "query", "rephrased_query", "image_ids", *SCORE_FIELD
 ImageLookup = Callable[[list[str]], np.ndarray]  # N ids -> uint8 [N, S, S, 3]
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the preference-group pipeline (keyword arguments of make_preference_pipeline)."""
-  c = ml_collections.ConfigDict()
-  c.batch_size = 8              # groups per step, per process (each group is N images)
-  c.seed = 0                    # shuffle seed
-  c.shuffle = True              # reshuffle the groups each epoch
-  c.worker_count = 0            # grain worker processes loading images (0 = this process)
-  c.read_threads = 4            # threads loading groups' images in each process
-  c.read_buffer_size = 16       # groups read ahead per process
-  c.prefetch_buffer_size = 2    # batches prepared ahead in a background thread
-  return c
-
-
 # ------------------------------------------------------------------------------ the record
 
 class PreferenceGroupError(ValueError):
@@ -97,7 +83,8 @@ class PreferenceGroupError(ValueError):
     self.field, self.record, self.origin, self.reason = field, record, origin, message
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+  """`value` as an int; PreferenceGroupError naming field `name` unless a positive int."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise PreferenceGroupError(f"must be a positive int, got {value!r}", field=name)
   return int(value)
@@ -148,7 +135,7 @@ class PreferenceGroup:
     put("query", _text("query", self.query))
     put("rephrased_query", _text("rephrased_query", self.rephrased_query))
     for name in ("u", "v", "stride"):
-      put(name, _positive_int(name, getattr(self, name)))
+      put(name, positive_int(name, getattr(self, name)))
     n = self.u * self.v
     ids = self.image_ids
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
@@ -252,7 +239,8 @@ def _format_of(path: str, *, key: str | None = None) -> str:
   return ext[1:]
 
 
-def _parquet_schema():
+def parquet_schema():
+  """The pyarrow schema of a .parquet D_po file (one row per group)."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   return pa.schema([
       ("query", pa.string()), ("rephrased_query", pa.string()),
@@ -293,7 +281,7 @@ class GroupWriter:
       self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")
     else:
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-      self._writer = pq.ParquetWriter(self._tmp, _parquet_schema())
+      self._writer = pq.ParquetWriter(self._tmp, parquet_schema())
 
   def __len__(self) -> int:
     return self._count
@@ -328,7 +316,7 @@ class GroupWriter:
   def _flush_rows(self):
     if self._rows:
       import pyarrow as pa  # pylint: disable=g-import-not-at-top
-      self._writer.write_table(pa.Table.from_pylist(self._rows, schema=_parquet_schema()))
+      self._writer.write_table(pa.Table.from_pylist(self._rows, schema=parquet_schema()))
       self._rows = []
 
   def close(self) -> str:
@@ -378,7 +366,7 @@ def write_groups(path: str | os.PathLike, groups: Iterable[PreferenceGroup | Map
   return len(writer)
 
 
-class PreferenceGroupSource(sources_lib._ReadFailureLog):  # pylint: disable=protected-access
+class PreferenceGroupSource(sources_lib.ReadFailureLog):
   """Random access to the groups of a D_po file: len(), [i] -> PreferenceGroup. Use open_groups.
 
   Records that cannot be decoded or fail validation were skipped at open (listed in
@@ -393,7 +381,7 @@ class PreferenceGroupSource(sources_lib._ReadFailureLog):  # pylint: disable=pro
     self._raw = raw    # ArrayRecordDataSource (lazy; by record number) or the valid groups
     self._keep = keep  # file record numbers of the valid groups
     self.u, self.v = uv
-    self._init_failure_log(skipped)
+    super().__init__(skipped)
 
   def __len__(self) -> int:
     return len(self._keep)
@@ -490,8 +478,7 @@ def open_groups(path: str | os.PathLike, *, expect_uv: tuple[int, int] | int | N
     keep.append(r)
     if fmt == "parquet":
       groups.append(group)
-  # pylint: disable-next=protected-access  (the package's shared skip report)
-  sources_lib._warn_skipped(path, skipped, len(keep) + len(skipped))
+  sources_lib.warn_skipped(path, skipped, len(keep) + len(skipped))
   if not keep:
     raise ValueError(f"D_po file {path} (config key {key}) holds no valid record "
                      f"({len(skipped)} skipped)")
@@ -677,10 +664,3 @@ def make_preference_pipeline(
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_buffer_size)
   return ds
 
-
-def preference_pipeline_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """make_preference_pipeline's keyword arguments from its config section (default_config)."""
-  return dict(batch_size=config.batch_size, seed=config.seed, shuffle=config.shuffle,
-              worker_count=config.worker_count, read_threads=config.read_threads,
-              read_buffer_size=config.read_buffer_size,
-              prefetch_buffer_size=config.prefetch_buffer_size)

@@ -103,7 +103,8 @@ def _resolve_under_root(root: str, rel_path: Any) -> str:
   return path
 
 
-def _warn_skipped(source_name: str, skipped: Sequence[SkippedRecord], total: int):
+def warn_skipped(source_name: str, skipped: Sequence[SkippedRecord], total: int):
+  """Logs one warning counting the records skipped of `total`, by kind, naming the first."""
   if not skipped:
     return
   kinds = collections.Counter(s.kind for s in skipped)
@@ -115,12 +116,13 @@ def _warn_skipped(source_name: str, skipped: Sequence[SkippedRecord], total: int
               ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())), named, tail)
 
 
-class _ReadFailureLog:
-  """Counts and names records that failed at read time (reported by the pipeline)."""
+class ReadFailureLog:
+  """Counts and names records that failed at read time (reported by the pipeline); a base
+  class of sources: call its __init__ with the records skipped at index time."""
 
   name: str
 
-  def _init_failure_log(self, index_skipped: Sequence[SkippedRecord] = ()):
+  def __init__(self, index_skipped: Sequence[SkippedRecord] = ()):
     self._index_skipped = list(index_skipped)
     self._read_failures: dict[str, SkippedRecord] = {}
     self._lock = threading.Lock()
@@ -172,7 +174,7 @@ class _ReadFailureLog:
     self._lock = threading.Lock()
 
 
-class _PathCaptionSource(_ReadFailureLog):
+class _PathCaptionSource(ReadFailureLog):
   """Shared machinery of the (image path, caption) sources; see the module docstring."""
 
   def __init__(self, name: str, entries: list[_Entry], skipped: list[SkippedRecord], *,
@@ -181,11 +183,16 @@ class _PathCaptionSource(_ReadFailureLog):
     self.image_size = image_size
     self.max_pixels = max_pixels
     self._entries = entries
-    self._init_failure_log(skipped)
-    _warn_skipped(name, skipped, len(entries) + len(skipped))
+    super().__init__(skipped)
+    warn_skipped(name, skipped, len(entries) + len(skipped))
 
   def __len__(self) -> int:
     return len(self._entries)
+
+  @property
+  def ids(self) -> list[str]:
+    """The records' ids in record order, from the index (no image is decoded)."""
+    return [entry.id for entry in self._entries]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
@@ -341,7 +348,7 @@ def _nested_get(example: dict[str, Any], key: str) -> Any:
   return value
 
 
-class TfdsSource(_ReadFailureLog):
+class TfdsSource(ReadFailureLog):
   """A tfds image dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow).
 
   The dataset must already be prepared in `data_dir` in the array_record file format
@@ -376,9 +383,14 @@ class TfdsSource(_ReadFailureLog):
     if caption_key is None:
       if label_key is None:
         raise ValueError(f"TfdsSource({name}): give caption_key or label_key")
-      feature = self._data.dataset_info.features[label_key]
-      self._label_names = list(feature.names)
-    self._init_failure_log()
+      self._label_names = self.class_names()
+    super().__init__()
+
+  def class_names(self) -> list[str]:
+    """The class names of the `label_key` ClassLabel feature (the builder's info), by label."""
+    if self.label_key is None:
+      raise ValueError(f"TfdsSource({self.name}): no label_key, so no class names")
+    return list(self._data.dataset_info.features[self.label_key].names)
 
   def __len__(self) -> int:
     return len(self._data)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from input_pipeline import world_scene as ws
-from input_pipeline.preference import PreferenceGroup, _positive_int
+from input_pipeline.preference import PreferenceGroup, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def world_groups(world, queries: Sequence[Any], *, u: int, v: int, stride: int =
   Image ids are str(global world index) (world_image_lookup loads them). A query for which
   the split cannot fill the grid (too few matches) is skipped and named in a warning.
   """
-  u, v, stride = (_positive_int(n, x) for n, x in (("u", u), ("v", v), ("stride", stride)))
+  u, v, stride = (positive_int(n, x) for n, x in (("u", u), ("v", v), ("stride", stride)))
   rng = np.random.default_rng(rng)
   indices = world.split_indices(split)
   scene = world.scene(indices)

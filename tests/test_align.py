@@ -138,8 +138,8 @@ def test_one_pass_encoding_of_pairs_and_groups_equals_two_passes():
   for a, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
     np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
   # Per-shard concatenation: each shard's block holds its own pairs, then its own groups.
-  joined, sizes = train._concat_per_shard([np.arange(4), np.arange(10, 18)], 2)
+  joined, sizes = train.concat_per_shard([np.arange(4), np.arange(10, 18)], 2)
   np.testing.assert_array_equal(joined, [0, 1, 10, 11, 12, 13, 2, 3, 14, 15, 16, 17])
-  back = train._split_per_shard(joined, sizes, 2)
+  back = train.split_per_shard(joined, sizes, 2)
   np.testing.assert_array_equal(back[0], np.arange(4))
   np.testing.assert_array_equal(back[1], np.arange(10, 18))

@@ -83,7 +83,7 @@ def test_open_clip_shapes_of_vit_b32_are_its_named_config():
   except ImportError as e:
     pytest.skip(str(e))
   assert (open_clip_speed.open_clip_config(clip.preset('vit_b32'))
-          == open_clip_speed._named_config(open_clip, 'ViT-B-32'))
+          == open_clip_speed.named_config(open_clip, 'ViT-B-32'))
 
 
 def test_gpu_step_runs_at_a_tiny_size_on_cpu():

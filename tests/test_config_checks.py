@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from aesalign_jax import config_checks, stages
+from aesalign_jax import config_checks
+from aesalign_jax.stages import cache
 from configs import default
 
 
@@ -54,9 +55,9 @@ def test_bad_values_are_refused_naming_the_key(sets, match):
 def test_cached_stage_reruns_only_when_its_config_changes(tmp_path):
   calls = []
   run = lambda stage_dir: calls.append(stage_dir) or {'n': len(calls)}
-  assert stages.cached_stage('s', str(tmp_path), {'a': 1}, run)['n'] == 1
-  assert stages.cached_stage('s', str(tmp_path), {'a': 1}, run)['n'] == 1   # cached
-  assert stages.cached_stage('s', str(tmp_path), {'a': 2}, run)['n'] == 2   # redone
+  assert cache.cached_stage('s', str(tmp_path), {'a': 1}, run)['n'] == 1
+  assert cache.cached_stage('s', str(tmp_path), {'a': 1}, run)['n'] == 1   # cached
+  assert cache.cached_stage('s', str(tmp_path), {'a': 2}, run)['n'] == 2   # redone
   assert len(calls) == 2
 
 
@@ -64,7 +65,7 @@ def test_a_stage_that_crashes_leaves_no_done_marker(tmp_path):
   def boom(stage_dir):
     raise RuntimeError('crash')
   with pytest.raises(RuntimeError):
-    stages.cached_stage('s', str(tmp_path), {'a': 1}, boom)
+    cache.cached_stage('s', str(tmp_path), {'a': 1}, boom)
   assert not (tmp_path / 's' / 'stage.json').exists()
 
 
@@ -72,9 +73,9 @@ def test_a_changed_config_clears_the_stage_outputs_of_the_old_one(tmp_path):
   def write(stage_dir):
     open(os.path.join(stage_dir, 'checkpoint'), 'a').close()
     return {}
-  stages.cached_stage('s', str(tmp_path), {'a': 1}, write)
+  cache.cached_stage('s', str(tmp_path), {'a': 1}, write)
   (tmp_path / 's' / 'stale').write_text('from config a=1')
-  stages.cached_stage('s', str(tmp_path), {'a': 2}, write)
+  cache.cached_stage('s', str(tmp_path), {'a': 2}, write)
   assert not (tmp_path / 's' / 'stale').exists()
   assert (tmp_path / 's' / 'checkpoint').exists()
 
@@ -84,8 +85,8 @@ def test_a_crashed_stage_resumes_in_its_own_folder(tmp_path):
     (tmp_path / 's' / 'partial').write_text('progress')
     raise RuntimeError('killed')
   with pytest.raises(RuntimeError):
-    stages.cached_stage('s', str(tmp_path), {'a': 1}, crash)
+    cache.cached_stage('s', str(tmp_path), {'a': 1}, crash)
   seen = []
-  stages.cached_stage('s', str(tmp_path), {'a': 1},
+  cache.cached_stage('s', str(tmp_path), {'a': 1},
                       lambda d: seen.append(os.path.exists(os.path.join(d, 'partial'))) or {})
   assert seen == [True]

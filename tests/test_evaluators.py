@@ -9,7 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from aesalign_jax.aesthetics import lowlevel
 from aesalign_jax.evaluation import common, retrieval_eval, topk_quality, zeroshot
+from input_pipeline import corpus as corpus_lib
 from input_pipeline import world as world_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,6 +289,13 @@ def test_zeroshot_on_a_tfds_set_uses_the_builders_class_names():
   assert m == {'top1': 1.0, 'top5': 1.0, 'num_images': 12.0, 'num_classes': 3.0}
 
 
+def test_tfds_label_names_are_the_sources_class_names_with_spaces():
+  class Source:
+    def class_names(self):
+      return ['angular_leaf_spot', 'healthy']
+  assert zeroshot.tfds_label_names(Source()) == ['angular leaf spot', 'healthy']
+
+
 # --- top-k quality -----------------------------------------------------------------------------
 
 def test_diversity_is_zero_for_identical_one_for_orthogonal_and_two_thirds_for_a_mix():
@@ -339,7 +348,12 @@ def test_topk_evaluator_on_the_world_matches_ground_truth_and_keeps_rows(small_w
   embedder = _world_oracle(small_world, idx)
   c = topk_quality.default_config()
   c.k, c.max_queries, c.batch_size = 4, 6, 50
-  ev = common.make_evaluators(ml_collections.ConfigDict({'topk': c}), world=small_world)['topk']
+  corpus = corpus_lib.WorldCorpus(small_world, 'eval')
+  low = lowlevel.LowLevelScorer()
+  scorers = {'ground_truth': corpus.truth.aesthetic,
+             'lowlevel': lambda rows: low.score(corpus.images(rows)[0])}
+  ev = common.make_evaluators(ml_collections.ConfigDict({'topk': c}), corpus=corpus,
+                              queries=corpus.queries('eval'), scorers=scorers)['topk']
   pt, reph = common.System('pt', embedder), common.System('pt+r', embedder, lambda q: q)
   metrics = {s.name: common.as_metrics(ev.run(s)) for s in (pt, reph)}
   assert embedder.image_calls == 3    # the 120-image corpus in batches of 50, once for both
@@ -381,7 +395,7 @@ def test_make_evaluators_builds_by_type_skips_disabled_and_names_unknown_types()
   assert list(built) == ['coco'] and isinstance(built['coco'], retrieval_eval.RetrievalEvaluator)
   with pytest.raises(ValueError, match="unknown evaluator type 'nope'"):
     common.make_evaluators(ml_collections.ConfigDict({'x': {'type': 'nope'}}))
-  with pytest.raises(ValueError, match='evals.coco: needs `world`'):
+  with pytest.raises(ValueError, match='evals.coco: needs `corpus`'):
     built['coco'].run(common.System('s', LookupEmbedder(None, None)))
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aesalign_jax import losses
+from aesalign_jax import losses, train
 from aesalign_jax.losses import (clip_infonce, pair_mask, pairwise_dpo_reference,
                                  preference_loss, ranked_dpo, siglip_loss)
 
@@ -318,8 +318,8 @@ def test_ranked_dpo_refuses_bad_arguments_by_name(kwargs, name):
 def test_validate_dpo_args_names_the_config_key():
   with pytest.raises(ValueError, match=r"^config\.dpo\.beta must be > 0"):
     losses.validate_dpo_args(0.0, "sigmoid", 0.0, prefix="config.dpo.")
-  c = losses.default_config()
-  losses.validate_dpo_args(c.dpo.beta, c.dpo.loss_type, c.dpo.label_smoothing)
+  c = train.default_config('align')   # the live defaults of the align section pass
+  losses.validate_dpo_args(c.beta, c.dpo_loss, c.dpo_label_smoothing, prefix="config.align.")
 
 
 def test_ranked_dpo_refuses_mismatched_shapes_by_name():

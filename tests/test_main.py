@@ -108,10 +108,10 @@ def test_eval_with_the_openai_judge_counts_refusals_and_malformed_answers(
   import threading
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from aesalign_jax import stages
+  from aesalign_jax import sharding, stages
   from aesalign_jax.evaluation import report as report_lib
+  from aesalign_jax.stages import cache, context, evaluate
   from configs import default
-  from input_pipeline import world as world_lib
   from loopback import chat_answer, send_json, serving
 
   counter, lock = itertools.count(1), threading.Lock()
@@ -141,12 +141,13 @@ def test_eval_with_the_openai_judge_counts_refusals_and_malformed_answers(
                       model='loopback-vision', api_key_env='AESALIGN_TEST_EVAL_KEY',
                       timeout_s=10.0, max_concurrency=4, max_images_per_group=3)
   with serving(server, monkeypatch, 'AESALIGN_TEST_EVAL_KEY', 'sk-eval-secret'):
-    report = report_lib.evaluate(
-        config, world_lib.World(config.world),
-        stages._load_model_folder(str(workdir / 'pretrain' / 'model')),
-        stages._load_model_folder(str(workdir / 'align' / 'model')),
-        str(workdir / 'aesthetic' / 'iap.safetensors'), str(tmp_path),
-        stage_summaries=stages._stage_summaries(str(workdir)))
+    ctx = stages.Context(config, str(workdir), sharding.make_mesh(config.mesh))
+    pt = context.load_model_folder(str(workdir / 'pretrain' / 'model'))
+    aligned = context.load_model_folder(str(workdir / 'align' / 'model'))
+    data = evaluate.eval_corpus(ctx, str(tmp_path), pt, aligned,
+                                str(workdir / 'aesthetic' / 'iap.safetensors'))
+    report = report_lib.evaluate(config, pt, aligned, data, str(tmp_path),
+                                 cache.stage_summaries(str(workdir), evaluate.REPORTED_STAGES))
   for comparison, result in report['judge']['openai'].items():
     assert 0 < result['failures'] < result['num_queries'], comparison
     assert result['num_judged'] + result['failures'] == result['num_queries']
@@ -159,6 +160,7 @@ def test_eval_with_the_openai_judge_counts_refusals_and_malformed_answers(
 
 
 def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, tmp_path):
+  import shutil
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   from aesalign_jax import embed
@@ -178,6 +180,8 @@ def test_align_and_export_modes_write_a_model_transformers_loads(smoke_workdir, 
           texts, np.stack([lookup(list(r)) for r in ids])))
   dpo = str(tmp_path / 'dpo.arrayrecord')
   preference.write_groups(dpo, groups)
+  workdir = tmp_path / 'run'   # a copy: the other tests read the smoke run as it was
+  shutil.copytree(smoke_workdir[0], workdir)
   out = _main('--mode=export', f'--config.align.dpo_path={dpo}', workdir=workdir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'step 20/20' in out.stdout and 'rewards/accuracies' in out.stdout
@@ -208,3 +212,29 @@ def test_align_with_missing_dpo_file_is_refused_naming_the_key(tmp_path):
               workdir=tmp_path)
   assert out.returncode == 2
   assert 'config.align.dpo_path' in out.stderr
+
+
+def test_faiss_backend_mines_the_same_dpo_and_retrieves_the_same_top_k(smoke_workdir, tmp_path):
+  """--config.retrieval.backend=faiss (flat_ip, exact) redoes mine and eval on a copy of the
+  smoke run: the D_po file is byte-identical (so align is skipped: its input did not change)
+  and every system's top-k rows equal the device backend's."""
+  import json
+  import shutil
+  pytest.importorskip('faiss')
+  workdir, _ = smoke_workdir
+  copy = tmp_path / 'faiss'
+  shutil.copytree(workdir, copy)   # keeps mtimes: the copied stages are done
+  for stage in ('mine', 'eval'):
+    shutil.rmtree(copy / stage)
+  out = _main('--mode=eval', '--config.retrieval.backend=faiss', workdir=copy)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'stage mine: started' in out.stderr and 'stage align: done before' in out.stderr
+  assert 'FAISS flat_ip index over 2048 rows' in out.stderr   # mining's corpus, by faiss
+  assert 'FAISS flat_ip index over 512 rows' in out.stderr    # the held-out images, by faiss
+  assert (copy / 'mine' / 'dpo.arrayrecord').read_bytes() == (
+      workdir / 'mine' / 'dpo.arrayrecord').read_bytes()
+  device, faiss = (json.loads((w / 'eval' / 'report.json').read_text()) for w in (workdir, copy))
+  assert faiss['config']['retrieval']['backend'] == 'faiss'
+  for system in ('PT', 'PT+rephrase', 'aligned'):
+    assert faiss['topk'][system]['ids'] == device['topk'][system]['ids'], system
+  assert faiss['metrics'] == device['metrics']

@@ -72,9 +72,10 @@ def _read_jsonl(workdir):
 
 def test_console_line_names_losses_dpo_metrics_grad_norm_lr_and_throughput(tmp_path):
   clock = FakeClock()
-  logger = _logger(tmp_path, clock)
+  stream = io.StringIO()
+  logger = _logger(tmp_path, clock, stream=stream)
   _run(logger, clock, range(1, 5))
-  lines = logger._stream.getvalue().splitlines()
+  lines = stream.getvalue().splitlines()
   logger.close()
   assert len(lines) == 2   # the first step, then one per interval of 4
   first, line = lines
@@ -168,11 +169,12 @@ def _read_jsonl_lenient(workdir):
 def test_non_main_process_writes_nothing(tmp_path):
   clock = FakeClock()
   workdir = tmp_path / 'w'
-  logger = _logger(workdir, clock, is_main_process=False)
+  stream = io.StringIO()
+  logger = _logger(workdir, clock, is_main_process=False, stream=stream)
   assert _run(logger, clock, range(1, 11)) == []
   logger.write_scalars(10, {'x': 1.0})
   logger.close()
-  assert not workdir.exists() and logger._stream.getvalue() == ''
+  assert not workdir.exists() and stream.getvalue() == ''
 
 
 def test_progress_bar_keeps_console_lines(tmp_path, capsys):

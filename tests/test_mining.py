@@ -5,8 +5,8 @@ import pytest
 
 from aesalign_jax import embed, losses, mining, rephrase
 from aesalign_jax.aesthetics import lowlevel
-from aesalign_jax.stages import WorldTruth
 from configs import default
+from input_pipeline.corpus import WorldTruth
 
 
 def _config(**kw):
@@ -90,7 +90,7 @@ def test_world_mining_summary_reports_the_first_finding_and_pair_quality(pretrai
   scorer = lowlevel.LowLevelScorer()
   result = mining.mine(queries, rephrased.texts, text_embed=embedder.texts, corpus=corpus,
                        ids=ids, aesthetic_fn=lambda r: scorer.score(world.render_batch(rows[r])),
-                       c=_config(top_k=100, stride=2), u=4, v=4, truth=WorldTruth(world, ids))
+                       c=_config(top_k=100, stride=2), u=4, v=4, truth=WorldTruth(world, rows))
   summary = result.summary
   print({k: v for k, v in summary.items() if k != 'skipped'})
   base_rate = np.mean([world.is_relevant(q, rows).mean() for q in world.mining_queries[:60]])

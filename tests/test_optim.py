@@ -1,5 +1,6 @@
 """The optimizer and the train step's options: decay mask, frozen towers, per-tower learning
-rates, the schedule, gradient accumulation and the online reference."""
+rates, the schedule, gradient accumulation, the online reference and objectives registered by
+name."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from aesalign_jax import optim, train
+from aesalign_jax import optim, sharding, train
 from aesalign_jax.models import clip
 from configs import default
+
+import synthetic_batches
 
 CFG = clip.preset('tiny', vision_layers=1, text_layers=1, vocab_size=64, eos_token_id=63)
 
@@ -90,7 +93,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(params):
   losses = [float(loss_fn(params, h, None)[0]) for h in halves]
   mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   np.testing.assert_allclose(float(metrics['loss']), np.mean(losses), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics['grad_norm']), float(train._global_norm(mean_grad)),
+  np.testing.assert_allclose(float(metrics['grad_norm']), float(optim.global_norm(mean_grad)),
                              rtol=1e-4)
 
 
@@ -107,3 +110,36 @@ def test_online_reference_starts_at_log2_and_ignores_stored_scores(params):
   state = train.init_state(params, tx, 0, ref_params=params)
   _, metrics = step(state, {'pairs': _pairs(4, 2), 'groups': groups})
   np.testing.assert_allclose(float(metrics['dpo_loss']), np.log(2.0), rtol=1e-6)
+
+
+def test_an_objective_registered_by_name_runs_in_the_step_and_the_loop(params, tmp_path):
+  """A new loss is one register_objective call: make_train_step and fit look it up by kind."""
+  def make_loss(cfg, c, shard, shards):
+    contrastive = train.get_objective('pretrain').make_loss(cfg, c, shard, shards)
+
+    def loss(p, batch, ref_params):
+      value, metrics = contrastive(p, batch, ref_params)
+      return 2.0 * value, dict(metrics, doubled=2.0 * value)
+    return loss
+
+  c = default.get_config('smoke').pretrain
+  c.steps, c.batch_size, c.log_every, c.checkpoint_every = 2, 8, 1, 100
+  c.async_checkpoints = False
+  with pytest.raises(ValueError, match="unknown training kind 'doubled'"):
+    train.make_loss_fn(CFG, c, 'doubled')
+  train.register_objective('doubled', train.Objective(make_loss=make_loss))
+  try:
+    with pytest.raises(ValueError, match="already registered as 'doubled'"):
+      train.register_objective('doubled', train.Objective(make_loss=make_loss))
+    out = train.fit(kind='doubled', c=c, model_cfg=CFG, init_params=params,
+                    iterators={'pairs': synthetic_batches.pairs_iterator(CFG, 8, seed=0)},
+                    mesh=sharding.make_mesh({'data': -1}), rules=sharding.default_config().rules,
+                    workdir=str(tmp_path))
+  finally:
+    del train.OBJECTIVES['doubled']
+  first = next(synthetic_batches.pairs_iterator(CFG, 8, seed=0))
+  pairs = {k: first[k] for k in train.DEVICE_KEYS['pairs']}
+  plain, _ = train.make_loss_fn(CFG, c, 'pretrain')(params, {'pairs': pairs}, None)
+  assert out.status == 'finished' and out.step == 2
+  np.testing.assert_allclose(out.history[0]['loss'], 2 * float(plain), rtol=1e-5)
+  assert out.history[0]['doubled'] == out.history[0]['loss']

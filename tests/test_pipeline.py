@@ -207,8 +207,9 @@ def test_make_source_builds_the_configured_source(tmp_path):
   config.image_size = 8
   source = pipeline.make_source(config)
   assert len(source) == 1 and source[0]["image"].shape == (8, 8, 3)
-  config.batch_size, config.num_epochs, config.prefetch_buffer_size = 1, 3, 0
-  batches = list(pipeline.make_pipeline(source, shard_index=0, shard_count=1,
+  config.prefetch_buffer_size = 0
+  batches = list(pipeline.make_pipeline(source, batch_size=1, seed=0, num_epochs=3,
+                                        shard_index=0, shard_count=1,
                                         **pipeline.pipeline_kwargs(config)))
   assert [b["caption"].tolist() for b in batches] == [["dark"]] * 3
   config.source = "parquet"

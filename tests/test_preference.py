@@ -174,7 +174,7 @@ def test_corrupt_records_in_a_file_are_skipped_counted_and_named(fmt, tmp_path, 
   else:  # written around the writer's validation, as a foreign tool might
     rows = [{**r, "meta": m} for r, m in ((good, "{}"), (good, "{not json"),
                                           (not_finite, "{}"), (other, "{}"))]
-    pq.write_table(pa.Table.from_pylist(rows, schema=pref._parquet_schema()), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pref.parquet_schema()), path)
   with caplog.at_level(logging.WARNING):
     source = pref.open_groups(path)
   assert len(source) == 2 and source[0] == pref.PreferenceGroup(**good)

@@ -66,7 +66,7 @@ def test_variant_names_every_input_of_a_real_run(variant):
   assert {n: (e.type, e.get('source') or e.get('task') or e.get('path')) for n, e in
           c.evals.items()} == {
       'retrieval_coco': ('retrieval', 'data'), 'retrieval_flickr30k': ('retrieval', 'data'),
-      'zeroshot_imagenet': ('zeroshot', 'tfds'), 'topk_quality': ('topk_quality', 'corpus'),
+      'zeroshot_imagenet': ('zeroshot', 'tfds'), 'topk_quality': ('topk_quality', None),
       'hpir': ('hpir', '')}   # no HPIR file unless one is given
   assert c.evals.retrieval_coco.data.source == 'jsonl'
   assert c.evals.zeroshot_imagenet.tfds_name == 'imagenet2012'
@@ -207,7 +207,7 @@ def test_with_every_input_present_a_real_config_is_accepted(tmp_path):
     c.evals.zeroshot_imagenet.tfds_data_dir = str(tmp_path)
   config_checks.validate(c, num_devices=1)
   c.judge.kind = 'world'
-  with pytest.raises(ValueError, match='inputs the stages cannot read yet') as e:
+  with pytest.raises(ValueError, match='inputs the stages cannot read') as e:
     config_checks.validate(c, num_devices=1)
   assert "config.judge.kind='world'" in str(e.value)
   for key in ('config.data.source', 'config.mine.queries_path', 'config.evals'):

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import struct
+import sys
+import types
 import zlib
 
 import numpy as np
@@ -291,3 +293,34 @@ def test_tfds_source_reads_text_and_id_features_and_runs_in_a_pipeline():
   assert [b["image"].shape for b in batches] == [(4, 32, 32, 3)] * 2
   assert sorted(i for b in batches for i in b["id"].tolist()) == sorted(
       src[i]["id"] for i in range(8))
+
+
+class _FakeDataSource:
+  """What tfds.data_source returns, for a 3-class dataset of 2x2 gray images."""
+
+  def __init__(self, names):
+    label = types.SimpleNamespace(names=names)
+    self.dataset_info = types.SimpleNamespace(features={"label": label})
+    self._examples = [{"image": np.full((2, 2, 1), 10 * i, np.uint8), "label": i % 3}
+                      for i in range(5)]
+
+  def __len__(self):
+    return len(self._examples)
+
+  def __getitem__(self, index):
+    return self._examples[index]
+
+
+def test_tfds_source_class_names_come_from_the_builder_info(monkeypatch):
+  names = ["angular_leaf_spot", "bean_rust", "healthy"]
+  fake = types.ModuleType("tensorflow_datasets")
+  fake.data_source = lambda name, **kwargs: _FakeDataSource(names)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  src = sources.TfdsSource("beans", split="test", image_size=4)
+  assert src.class_names() == names
+  assert [src[i]["caption"] for i in (0, 4)] == ["a photo of a angular_leaf_spot.",
+                                                 "a photo of a bean_rust."]
+  assert src.stats()["records"] == 5 and src.skipped == []
+  unlabelled = sources.TfdsSource("beans", split="test", caption_key="label", label_key=None)
+  with pytest.raises(ValueError, match="no label_key"):
+    unlabelled.class_names()

@@ -149,7 +149,7 @@ KIND_MODULES = {
     'retrieval': 'aesalign_jax.evaluation.retrieval_eval',
     'zeroshot': 'aesalign_jax.evaluation.zeroshot',
     'topk_quality': 'aesalign_jax.evaluation.topk_quality',
-    'hpir': 'aesalign_jax.evaluation.report',   # an HPIR-format file (hpir.default_config)
+    'hpir': 'aesalign_jax.evaluation.hpir_eval',   # an HPIR-format file (hpir.default_config)
 }
 
 

@@ -7,10 +7,10 @@ answer is parsed robustly (the first JSON object that holds both aspects, also i
 fence or after a preamble); a refusal, an answer without such an object, or a choice other than
 A / B / similar is a failed call, with its reason.
 
-Transport and safety are the openai rephraser's (aesalign_jax/rephrase/openai_backend.py),
-reused, not copied: the API key comes from the environment variable NAMED in config, is sent
-only in the Authorization header and redacted from every reason and log line; timeout_s per
-socket operation; 429, 5xx, timeouts and connection errors retried with exponential backoff
+Transport and safety are aesalign_jax.openai_client's, shared with the openai rephraser: the
+API key comes from the environment variable NAMED in config, is sent only in the
+Authorization header and redacted from every reason and log line; timeout_s per socket
+operation; 429, 5xx, timeouts and connection errors retried with exponential backoff
 (Retry-After honoured, every wait capped); redirects refused. Bounded concurrency comes from
 judge_systems, which keeps at most max_concurrency calls in flight. Malformed answers are not
 retried (temperature 0 would repeat them).
@@ -21,21 +21,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import math
-import os
-import time
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from aesalign_jax.evaluation.hpir import ASPECTS
-from aesalign_jax.evaluation.judge import Group, query_text
-# The rephraser's transport: key handling, POST with error classification, backoff, redaction.
-from aesalign_jax.rephrase.openai_backend import OpenAIBackend, _Final, _Retryable, _snippet
-
-logger = logging.getLogger(__name__)
+from aesalign_jax.evaluation.judge_protocol import Group, query_text
+from aesalign_jax.openai_client import OpenAIClient, OpenAIError, check_at_least, snippet
 
 SYSTEM_PROMPT = (
     "You are an expert judge of image search results. You see a search query and two groups "
@@ -83,8 +77,9 @@ def parse_verdict(text: str | None, aspects=ASPECTS) -> tuple[dict[str, str] | N
       else:
         problem = problem or f"JSON object without {list(aspects)}: {json.dumps(obj)[:200]}"
     start = text.find("{", start + 1)
-  snippet = _snippet(text.encode("utf-8"))
-  return None, problem or f"no JSON verdict in the answer (refusal or malformed): {snippet!r}"
+  start_of_text = snippet(text.encode("utf-8"))
+  return None, problem or (f"no JSON verdict in the answer (refusal or malformed): "
+                           f"{start_of_text!r}")
 
 
 def _choice(value) -> str | None:
@@ -109,34 +104,18 @@ class OpenAIJudge:
                max_new_tokens: int = 200, temperature: float = 0.0,
                max_images_per_group: int = 10, image_side: int = 0, as_grid: bool = False,
                image_detail: str = ""):
-    # Checked here so errors name this config section (the transport's name rephrase.*).
-    if not base_url:
-      raise ValueError("evals.judge.base_url is empty; the openai judge needs the endpoint's "
-                       "API root, e.g. http://localhost:8000/v1")
-    if not model:
-      raise ValueError("evals.judge.model is empty; the openai judge needs the endpoint's "
-                       "model name (one that accepts images)")
-    if not timeout_s > 0:
-      raise ValueError(f"evals.judge.timeout_s must be > 0; got {timeout_s}")
-    for key, value, low in (("max_concurrency", max_concurrency, 1),
-                            ("max_retries", max_retries, 0), ("backoff_s", backoff_s, 0),
-                            ("max_backoff_s", max_backoff_s, 0),
-                            ("max_new_tokens", max_new_tokens, 1),
-                            ("max_images_per_group", max_images_per_group, 1),
-                            ("image_side", image_side, 0)):
-      if not value >= low:
-        raise ValueError(f"evals.judge.{key} must be >= {low}; got {value}")
+    self.client = OpenAIClient(base_url, model, api_key_env=api_key_env, timeout_s=timeout_s,
+                               max_retries=max_retries, backoff_s=backoff_s,
+                               max_backoff_s=max_backoff_s, section="evals.judge",
+                               who="the openai judge",
+                               model_hint=" (one that accepts images)")
+    check_at_least("evals.judge", (("max_concurrency", max_concurrency, 1),
+                                   ("max_new_tokens", max_new_tokens, 1),
+                                   ("max_images_per_group", max_images_per_group, 1),
+                                   ("image_side", image_side, 0)))
     if image_detail not in ("", "low", "high", "auto"):
       raise ValueError(f"evals.judge.image_detail must be '', low, high or auto; "
                        f"got {image_detail!r}")
-    if api_key_env and not os.environ.get(api_key_env):
-      raise ValueError(f"evals.judge.api_key_env names the environment variable "
-                       f"{api_key_env!r}, which is not set or empty; set it, or set "
-                       "evals.judge.api_key_env to '' for an endpoint without a key")
-    self._transport = OpenAIBackend(
-        base_url, model, api_key_env=api_key_env, timeout_s=timeout_s, max_retries=max_retries,
-        backoff_s=backoff_s, max_backoff_s=max_backoff_s, max_concurrency=max_concurrency,
-        max_new_tokens=max_new_tokens, temperature=temperature)
     self.model = model
     self.name = f"openai:{model}"
     self.max_concurrency = int(max_concurrency)
@@ -160,11 +139,11 @@ class OpenAIJudge:
                image_detail=config.image_detail)
 
   def __repr__(self) -> str:
-    return f"OpenAIJudge(url={self._transport.url!r}, model={self.model!r})"
+    return f"OpenAIJudge(url={self.client.url!r}, model={self.model!r})"
 
   def redact(self, text: str) -> str:
     """`text` with the API key replaced by '***'."""
-    return self._transport.redact(text)
+    return self.client.redact(text)
 
   def compare(self, query, group_a: Group, group_b: Group) -> dict[str, str] | None:
     """{aspect: 'A'|'B'|'similar'}, or None when the call failed."""
@@ -174,15 +153,15 @@ class OpenAIJudge:
                         ) -> tuple[dict[str, str] | None, str]:
     """(verdict, '') or (None, why the call failed); never raises."""
     try:
-      body = json.dumps(self.request_body(query, group_a, group_b)).encode("utf-8")
+      request = self.request_body(query, group_a, group_b)
     except Exception as e:  # pylint: disable=broad-except  # e.g. an unreadable image file
       return None, self.redact(f"could not build the request: {type(e).__name__}: {e}")
     try:
-      text, reason = self._request(body, query_text(query))
-    except Exception as e:  # pylint: disable=broad-except  # one call never stops the run
-      return None, self.redact(f"{type(e).__name__}: {e}")
+      text = self.client.chat(request, label=f"judge request for {query_text(query)!r}")
+    except OpenAIError as e:  # one call never stops the run
+      return None, str(e)
     if text is None:
-      return None, reason or "refused (the answer has no content)"
+      return None, "refused (the answer has no content)"
     verdict, why = parse_verdict(text)
     return verdict, self.redact(why)
 
@@ -219,26 +198,6 @@ class OpenAIJudge:
     else:
       raise ValueError("the openai judge needs the groups' images or image paths")
     return [_resize(im, self.image_side) for im in images]
-
-  def _request(self, body: bytes, query: str) -> tuple[str | None, str]:
-    """(answer text, '') or (None, why); retries as the module docstring says."""
-    t = self._transport
-    reason = ""
-    for attempt in range(t.max_retries + 1):
-      try:
-        return t._post(body), ""  # pylint: disable=protected-access
-      except _Retryable as e:
-        reason = t.redact(str(e))
-        if attempt == t.max_retries:
-          break
-        wait = t._wait(attempt, e.wait)  # pylint: disable=protected-access
-        logger.info("judge request for %r: %s; retry %d/%d in %.2f s", query, reason,
-                    attempt + 1, t.max_retries, wait)
-        time.sleep(wait)
-      except _Final as e:
-        return None, t.redact(str(e))
-    tries = t.max_retries + 1
-    return None, f"{reason} (gave up after {tries} tr{'y' if tries == 1 else 'ies'})"
 
 
 def png_data_url(image: np.ndarray) -> str:

@@ -4,19 +4,14 @@
   PT+rephrase   the pretrained model, queries rephrased (config.rephrase)
   aligned       the aligned model, plain queries
 
-Numbers: every evaluator of config.evals (retrieval, zero-shot, top-k quality by every scorer,
-an HPIR-format file), the HPIR-format benchmark (accuracy and aesthetic scores), and the
-system-level judge (aligned vs PT, aligned vs PT+rephrase, order-consistent, config.judge).
-Written to workdir/eval/report.json (every number and the config) and report.md (a table).
-
-Two settings:
-- the embedded world (`world` given): top-k quality on the world's held-out split, scored by
-  its ground truth, the IAP head and the low-level score; HPIR on a file generated from the
-  world (config.hpir_world); the world's ground-truth judge plus config.judge.kind.
-- a real corpus (`corpus` given, built by stages.eval_stage from config.data): top-k quality
-  of the held-out queries of evals.<topk>.queries_path over the corpus, scored by the
-  configured aesthetic models (no ground truth, no relevance); HPIR only from a file an
-  `hpir` section of config.evals names; the scorer judge plus the openai one if configured.
+On one evaluation corpus (EvalCorpus, built by the eval stage): every evaluator of
+config.evals (retrieval, zero-shot, top-k quality by every scorer, HPIR-format files) and the
+system-level judges (aligned vs PT, aligned vs PT+rephrase, order-consistent). What only a
+corpus with ground truth can measure (the embedded world) comes from `corpus.truth`: the
+ground-truth aesthetic scorer and relevance, an HPIR benchmark drawn from its simulator
+(config.hpir_world), the ground-truth judge, and the paper's claims on the ground truth
+(without it, the claims are checked on the IAP score, else the low-level one).
+Written to workdir/eval/report.json (every number and the config), report.md and PNG figures.
 """
 
 from __future__ import annotations
@@ -24,174 +19,90 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from aesalign_jax import embed, rephrase
-from aesalign_jax.aesthetics import iap
-from aesalign_jax.evaluation import common, figures, hpir, hpir_world, topk_quality
+from aesalign_jax.evaluation import common, figures, hpir_eval, hpir_world, topk_quality
 from aesalign_jax.evaluation import judge as judge_lib
-from input_pipeline import images as images_lib
 
 SYSTEMS = ('PT', 'PT+rephrase', 'aligned')
 
 
-def _load_rgb(path: str, size: Optional[int]) -> np.ndarray:
-  """An image file as uint8 RGB, resized and centre-cropped to size x size if it is not."""
-  with Image.open(path) as im:
-    image = np.asarray(im.convert('RGB'))
-  if size and image.shape[:2] != (size, size):
-    image = images_lib.resize_and_center_crop(image, size)
-  return image
-
-
-def _hpir_aspect_scores(system: common.System, path: str) -> tuple[dict, int, int]:
-  """(AspectScore per aspect, items scored, items skipped) of one system on an HPIR file.
-  Every image and query is embedded once, batched; images are brought to the model's side.
-  An item with an image that does not load is skipped, counted and named in a warning."""
-  loaded = hpir.load_hpir(path)
-  size = getattr(getattr(system.embedder, 'cfg', None), 'image_size', None)
-  groups = [item.paths(loaded.root) for item in loaded.items]
-  unique = sorted({str(p) for a, b in groups for p in (*a, *b)})
-  pixels, failed = {}, {}
-  for p in unique:
-    try:
-      pixels[p] = _load_rgb(p, size)
-    except (OSError, ValueError) as e:   # missing, truncated or not an image
-      failed[p] = f'{type(e).__name__}: {e}'
-  keep = [i for i, (a, b) in enumerate(groups) if all(str(p) in pixels for p in (*a, *b))]
-  if failed:
-    logging.warning('HPIR file %s: %d images do not load, %d of %d items skipped; e.g. %s',
-                    path, len(failed), len(groups) - len(keep), len(groups),
-                    list(failed.items())[:3])
-  if not keep:
-    raise ValueError(f'HPIR file {path}: no item left to score ({len(loaded.items)} read, '
-                     f'{len(loaded.bad_lines)} malformed lines, {len(failed)} images that do '
-                     'not load)')
-  items, groups = [loaded.items[i] for i in keep], [groups[i] for i in keep]
-  emb = dict(zip(pixels, system.embed_images(np.stack(list(pixels.values())))))
-  queries = sorted({item.query for item in items})
-  q_emb = dict(zip(queries, system.embed_texts(system.query_texts(queries))))
-  sims = [(np.stack([emb[str(p)] for p in a]) @ q_emb[item.query],
-           np.stack([emb[str(p)] for p in b]) @ q_emb[item.query])
-          for item, (a, b) in zip(items, groups)]
-  return hpir.score_hpir(items, sims), len(items), len(loaded.items) - len(items)
-
-
-def _hpir_scores(system: common.System, path: str) -> dict:
-  """HPIR accuracy and aesthetic scores ('hpir/<aspect>'; NaN for an aspect no item labels)."""
-  scores, _, _ = _hpir_aspect_scores(system, path)
-  return {f'hpir/{aspect}': float(s.score) for aspect, s in scores.items()}
-
-
-@common.register('hpir')
-class HPIREvaluator(common.Evaluator):
-  """HPIR scores of each system on the HPIR-format file config.path (hpir.default_config;
-  '' = skip): '<aspect>' for the aspects the file labels, 'items' scored, 'items_skipped'
-  (an image that does not load)."""
-
-  def run(self, system: common.System) -> dict[str, float]:
-    path = self.config.get('path', '')
-    if not path:
-      return {}
-    scores, scored, skipped = _hpir_aspect_scores(system, path)
-    out = {aspect: float(s.score) for aspect, s in scores.items() if s.items_counted}
-    out.update(items=float(scored), items_skipped=float(skipped))
-    return out
-
-
 @dataclasses.dataclass
-class Corpus:
-  """A real corpus (config.data) to evaluate on; stages.eval_stage builds it.
+class EvalCorpus:
+  """What the systems are evaluated on (the eval stage builds it).
 
-  ids: [N] the record ids of the corpus rows (images that failed to decode are left out);
-  images(rows) -> uint8 [n, S, S, 3] of rows; scorers: name ('iap', 'lowlevel') -> corpus
-  rows -> aesthetic scores (NaN: an image that did not load), the same for every system;
-  embeddings: system name -> [N, D] that system's own image embeddings of the rows, where
-  already computed (a stored index); a system missing here embeds the rows itself;
-  summary: counts quoted in the report.
+  corpus: input_pipeline.corpus.Corpus (images and captions by row, optional truth);
+  scorers: name ('ground_truth', 'lowlevel', 'iap') -> corpus rows -> aesthetic scores (NaN:
+  an image that did not load), the same for every system; embeddings: system name -> [N, D]
+  that system's image embeddings of the rows where already computed (a stored index); a
+  system missing here embeds the rows itself; queries: the held-out search queries (the
+  corpus's own), unless the top-k section names a file; summary: counts for the report.
   """
-  ids: np.ndarray
-  images: Callable[[np.ndarray], np.ndarray]
+  corpus: object
   scorers: dict
   embeddings: dict = dataclasses.field(default_factory=dict)
+  queries: list = dataclasses.field(default_factory=list)
   summary: dict = dataclasses.field(default_factory=dict)
 
+  def images(self, rows) -> np.ndarray:
+    return self.corpus.images(np.asarray(rows))[0]
 
-def evaluate(config, world, pt_model, aligned_model, iap_weights: Optional[str],
-             out_dir: str, stage_summaries: Optional[dict] = None, *,
-             corpus: Optional[Corpus] = None) -> dict:
+
+def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
+             stage_summaries: Optional[dict] = None, searcher=None) -> dict:
   """pt_model, aligned_model: (ClipConfig, params, tokenizer); stage_summaries: the earlier
-  stages' summaries by name (e.g. 'aesthetic', 'mine'), quoted in the report. world: the
-  embedded world, or None with `corpus` (a real corpus; iap_weights is then unused: the
-  corpus's scorers hold the aesthetic models).
-
-  Returns the report dict; writes report.json, report.md and the figures (PNG) to out_dir.
-  """
-  if (world is None) == (corpus is None):
-    raise ValueError('report.evaluate: give the world or a real corpus, not both or neither')
+  stages' summaries by name, quoted in the report; searcher: the top-k search
+  (retrieval.make_searcher(config.retrieval, mesh); None = on the default device). Returns
+  the report dict; writes report.json, report.md and the figures (PNG) to out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   pt = embed.Embedder(*pt_model)
-  aligned = embed.Embedder(*aligned_model)
   rephraser = rephrase.make_rephraser(config.rephrase,
                                       os.path.join(out_dir, 'rephrase_cache.jsonl'))
   systems = [common.System('PT', pt), common.System('PT+rephrase', pt, rephrase=rephraser),
-             common.System('aligned', aligned)]
-
-  if corpus is not None:
-    return _evaluate_corpus(config, corpus, systems, rephraser, out_dir, stage_summaries)
-  corpus_idx = world.split_indices(config.evals.topk_quality.split)
-  iap_fn = None
-  if iap_weights:
-    head, activation = iap.load_params(iap_weights)
-    pt_corpus = pt.images(world.render_batch(corpus_idx))   # IAP reads the PT model's space
-    iap_fn = lambda rows: np.asarray(iap.apply(head, pt_corpus[rows], activation=activation))
-  scorers = topk_quality.world_scorers(world, corpus_idx, iap=iap_fn)
-  evaluators = common.make_evaluators(config.evals, world=world, scorers=scorers)
-  hpir_path = hpir_world.generate_hpir(world, os.path.join(out_dir, 'hpir'), config.hpir_world)
-
-  metrics = {}
-  for system in systems:
-    logging.info('evaluating %s', system.name)
-    metrics[system.name] = {**common.run_evaluators(evaluators, system),
-                            **_hpir_scores(system, str(hpir_path))}
-  topk = evaluators['topk_quality'].results
-  rephraser.close()
-  judges = _judges(config.judge, world, corpus_idx, scorers)
-  report = _build_report(config, metrics, _judge_all(judges, topk), topk, stage_summaries,
-                         findings_k=config.evals.topk_quality.k)
-  return _write(report, out_dir, world=world)
-
-
-def _evaluate_corpus(config, corpus: Corpus, systems, rephraser, out_dir: str,
-                     stage_summaries) -> dict:
-  """evaluate() on a real corpus (see the module docstring)."""
+             common.System('aligned', embed.Embedder(*aligned_model))]
+  truth = data.corpus.truth
+  simulator = getattr(truth, 'world', None)   # a world that can draw new benchmark items
   evaluators = common.make_evaluators(
-      config.evals, scorers=corpus.scorers, corpus_size=len(corpus.ids),
-      corpus_images=corpus.images, corpus_ids=np.asarray(corpus.ids),
-      corpus_embeddings=corpus.embeddings)
+      config.evals, corpus=data.corpus, scorers=data.scorers, queries=data.queries,
+      corpus_embeddings=data.embeddings, world=simulator, searcher=searcher)
+  hpir_path = (None if simulator is None else
+               hpir_world.generate_hpir(simulator, os.path.join(out_dir, 'hpir'),
+                                        config.hpir_world))
   metrics = {}
   for system in systems:
     logging.info('evaluating %s', system.name)
     metrics[system.name] = common.run_evaluators(evaluators, system)
+    if hpir_path is not None:
+      metrics[system.name].update(hpir_eval.hpir_scores(system, str(hpir_path)))
   rephraser.close()
   topk_name = next((name for name, ev in evaluators.items()
                     if isinstance(ev, topk_quality.TopKQualityEvaluator)), None)
   topk = evaluators[topk_name].results if topk_name else {}
   if not topk:
     logging.info('no top-k quality section enabled in config.evals: no judge, no grid')
-  judged = _judge_all(_corpus_judges(config.judge, corpus), topk) if topk else {}
-  k = config.evals[topk_name].k if topk_name else 0
-  report = _build_report(config, metrics, judged, topk, stage_summaries, findings_k=k,
-                         claims=corpus_claims(metrics, topk_name or 'topk_quality'))
-  report['corpus'] = dict(corpus.summary)
+  judged = _judge_all(_judges(config.judge, data), topk) if topk else {}
+  claims = CLAIMS if truth is not None else corpus_claims(metrics, topk_name or 'topk_quality')
+  report = {'metrics': metrics, 'judge': judged, 'stages': dict(stage_summaries or {}),
+            'topk': {name: t.to_json() for name, t in topk.items()},
+            'config': json.loads(config.to_json_best_effort())}
+  report['findings'] = findings(report, k=config.evals[topk_name].k if topk_name else 0,
+                                claims=claims)
+  if data.summary:
+    report['corpus'] = dict(data.summary)
   # The trade-off plot's recall: the first retrieval set's R@10 (e.g. retrieval_coco).
   recalls = sorted({key for m in metrics.values() for key in m if key.endswith('/t2i_r10')})
-  return _write(report, out_dir, corpus_images=corpus.images,
-                recall_key=recalls[0] if recalls else 'retrieval/t2i_r10')
+  with open(os.path.join(out_dir, 'report.json'), 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=1, default=float)
+  report['figures'] = figures.write_report_figures(
+      out_dir, report, corpus_images=data.images,
+      recall_key=recalls[0] if recalls else 'retrieval/t2i_r10')
+  with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown(report))
+  return report
 
 
 def _judge_all(judges, topk) -> dict:
@@ -209,60 +120,27 @@ def _judge_all(judges, topk) -> dict:
   return judged
 
 
-def _build_report(config, metrics, judged, topk, stage_summaries, *, findings_k: int,
-                  claims=None) -> dict:
-  report = {'metrics': metrics, 'judge': judged, 'stages': dict(stage_summaries or {}),
-            'topk': {name: t.to_json() for name, t in topk.items()},
-            'config': json.loads(config.to_json_best_effort())}
-  report['findings'] = findings(report, k=findings_k, claims=CLAIMS if claims is None else claims)
-  return report
-
-
-def _write(report: dict, out_dir: str, **figure_kwargs) -> dict:
-  """Writes report.json, the figures and report.md; returns the report with its figures."""
-  with open(os.path.join(out_dir, 'report.json'), 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1, default=float)
-  report['figures'] = figures.write_report_figures(out_dir, report, **figure_kwargs)
-  with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
-    f.write(markdown(report))
-  return report
-
-
-def _judges(c, world, corpus_idx, scorers):
-  """(name, judge, images_fn) for the world's ground truth and, if different, config.judge.kind.
-
-  Groups carry the rendered pixels (images_fn) only for judges that look at them.
-  """
-  render = lambda rows: world.render_batch(corpus_idx[np.asarray(rows)])
+def _judges(c, data: EvalCorpus) -> list:
+  """(name, judge, images_fn) for each judge: the ground truth's when the corpus has one, the
+  scorer judge when config.judge.kind asks for it or there is no ground truth (aesthetic
+  only: IAP, else the low-level score), and the LMM judge (kind 'openai') on the images.
+  Groups carry pixels (images_fn) only for judges that look at them."""
   margins = dict(accuracy_margin=c.accuracy_margin, aesthetic_margin=c.aesthetic_margin)
-  out = [('world', judge_lib.WorldJudge(world, row_ids=corpus_idx, **margins), None)]
-  kind = c.kind
-  if kind == 'scorer':
-    aesthetic = scorers.get('iap') or scorers['lowlevel']   # never the ground truth itself
-    out.append(('scorer', judge_lib.ScorerJudge(lambda group: aesthetic(group.rows), None,
-                                                **margins), None))
-  elif kind == 'openai':
-    out.append(('openai', judge_lib.make_judge(c), render))
-  elif kind != 'world':
-    judge_lib.make_judge(c)   # raises, naming the bad kind
-  return out
-
-
-def _corpus_judges(c, corpus: Corpus):
-  """(name, judge, images_fn) on a real corpus: the scorer judge (aesthetic only: IAP, else the
-  low-level score) and, with config.judge.kind 'openai', the LMM judge on the images."""
-  if c.kind == 'world':
-    raise ValueError("config.judge.kind='world' judges by the embedded world's ground truth, "
-                     "which a real corpus does not have: set it to 'scorer' or 'openai'")
-  margins = dict(accuracy_margin=c.accuracy_margin, aesthetic_margin=c.aesthetic_margin)
-  out = []
-  aesthetic = corpus.scorers.get('iap') or corpus.scorers.get('lowlevel')
-  if aesthetic is not None:
-    out.append(('scorer', judge_lib.ScorerJudge(lambda group: aesthetic(group.rows), None,
-                                                **margins), None))
+  truth, out = data.corpus.truth, []
+  if truth is not None:
+    out.append(('world', judge_lib.WorldJudge(truth.world, row_ids=truth.index, **margins),
+                None))
+  elif c.kind == 'world':
+    raise ValueError("config.judge.kind='world' judges by the ground truth, which this corpus "
+                     "does not have: set it to 'scorer' or 'openai'")
+  if c.kind == 'scorer' or truth is None:
+    aesthetic = data.scorers.get('iap') or data.scorers.get('lowlevel')
+    if aesthetic is not None:   # never the ground truth itself
+      out.append(('scorer', judge_lib.ScorerJudge(lambda group: aesthetic(group.rows), None,
+                                                  **margins), None))
   if c.kind == 'openai':
-    out.append(('openai', judge_lib.make_judge(c), corpus.images))
-  elif c.kind != 'scorer':
+    out.append(('openai', judge_lib.make_judge(c), data.images))
+  elif c.kind not in ('world', 'scorer'):
     judge_lib.make_judge(c)   # raises, naming the bad kind
   return out
 

@@ -42,11 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
   """A retrieval section of config.evals (type 'retrieval')."""
   c = ml_collections.ConfigDict()
   c.type = 'retrieval'
-  # 'world': the embedded world's `split` (each image with its caption); 'data': the image-
-  # caption source described by `data` (input_pipeline.pipeline's section: folder, JSONL,
-  # CSV or a prepared tfds set such as COCO/Flickr30K with data.caption_key set).
-  c.source = 'world'
-  c.split = 'eval'
+  # 'corpus': the run's evaluation corpus (make_evaluators' `corpus`: each image with its
+  # caption; the embedded world's held-out split); 'data': the image-caption source described
+  # by `data` (input_pipeline.pipeline's section: folder, JSONL, CSV or a prepared tfds set
+  # such as COCO/Flickr30K with data.caption_key set).
+  c.source = 'corpus'
   c.data = _data_config()
   # Evaluate on the first max_images images only (0 = all of them).
   c.max_images = 0
@@ -64,9 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _data_config() -> ml_collections.ConfigDict:
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  d = pipeline.default_config()
-  d.shuffle, d.drop_remainder, d.num_epochs = False, False, 1
-  return d
+  return pipeline.default_config()
 
 
 @functools.lru_cache(maxsize=16)
@@ -238,8 +236,8 @@ def evaluate_batches(system: common.System, batches: Iterable, *,
 
 @common.register('retrieval')
 class RetrievalEvaluator(common.Evaluator):
-  """R@k and mean rank both ways on the world's split or a data source (config: module's
-  default_config). Context: `world` for source='world'; `mesh` optional."""
+  """R@k and mean rank both ways on the run's corpus or a data source (config: module's
+  default_config). Context: `corpus` for source='corpus'; `mesh` optional."""
 
   def _metric_kwargs(self) -> dict:
     c = self.config
@@ -248,29 +246,32 @@ class RetrievalEvaluator(common.Evaluator):
 
   def run(self, system: common.System) -> dict[str, float]:
     c = self.config
-    if c.source == 'world':
-      return self._run_world(system)
+    if c.source == 'corpus':
+      return self._run_corpus(system)
     if c.source == 'data':
       return evaluate_batches(system, self._data_batches(), max_images=c.max_images,
                               **self._metric_kwargs())
-    raise ValueError(f"evals.{self.name}.source={c.source!r}: expected 'world' or 'data'")
+    raise ValueError(f"evals.{self.name}.source={c.source!r}: expected 'corpus' or 'data'")
 
-  def _run_world(self, system: common.System) -> dict[str, float]:
-    c, world = self.config, self.need('world')
-    idx = world.split_indices(c.split)
-    if c.max_images:
-      idx = idx[:c.max_images]
-    img = self.cache.get(system, f'world:{c.split}:{len(idx)}', lambda: np.concatenate([
-        system.embed_images(world.render_batch(idx[s:s + c.batch_size]))
-        for s in range(0, len(idx), c.batch_size)]))
-    txt = system.embed_texts(world.captions(idx))
-    return retrieval_metrics(img, txt, np.arange(len(idx)), **self._metric_kwargs())
+  def _run_corpus(self, system: common.System) -> dict[str, float]:
+    """Each image of the corpus with its caption (an evaluation corpus holds images that load:
+    the corpus index leaves out the others)."""
+    c, corpus = self.config, self.need('corpus')
+    n = min(len(corpus), c.max_images) if c.max_images else len(corpus)
+    # Embedded once per system and corpus (the key other evaluators of the corpus use).
+    key = corpus.name if n == len(corpus) else f'{corpus.name}:{n}'
+    img = self.cache.get(system, key, lambda: np.concatenate([
+        system.embed_images(corpus.images(np.arange(s, min(n, s + c.batch_size)))[0])
+        for s in range(0, n, c.batch_size)]))
+    txt = system.embed_texts(corpus.captions(np.arange(n)))
+    return retrieval_metrics(img, txt, np.arange(n), **self._metric_kwargs())
 
   def _data_batches(self):
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
     d = self.config.data
-    kwargs = pipeline.pipeline_kwargs(d)
-    kwargs.update(batch_size=self.config.batch_size, num_epochs=1, shuffle=False,
-                  drop_remainder=False, shard_index=0, shard_count=1)
-    # Every process reads the whole set: the metrics need all of it, and it is small.
-    return pipeline.make_pipeline(pipeline.make_source(d), **kwargs)
+    # Every process reads the whole set once, in order: the metrics need all of it, and it is
+    # small.
+    return pipeline.make_pipeline(
+        pipeline.make_source(d), batch_size=self.config.batch_size, seed=0, num_epochs=1,
+        shuffle=False, drop_remainder=False, shard_index=0, shard_count=1,
+        **pipeline.pipeline_kwargs(d))

@@ -1,18 +1,20 @@
 """Quality of each system's top-k for held-out queries: aesthetics, relevance, diversity.
 
-    ev = TopKQualityEvaluator(config.evals.topk_quality, world=world, scorers=scorers)
+    ev = TopKQualityEvaluator(config.evals.topk_quality, corpus=corpus, queries=queries,
+                              scorers=scorers)
     metrics = ev.run(system)        # {'aesthetic/ground_truth': .., 'precision': .., ...}
     ev.results[system.name]         # TopK: per-query rows, ids, scores (retrieval grids)
 
 For each query the system searches the corpus with its query text (the query itself, or its
-rephrasing for "PT + rephrasing") and keeps the k best images by cosine similarity (exact
-top-k on device, aesalign_jax.retrieval.search). Then, averaged over queries and the k images:
+rephrasing for "PT + rephrasing") and keeps the k best images by cosine similarity (the
+searcher config.retrieval chooses: on device, or FAISS). Then, averaged over queries and the
+k images:
 - aesthetic/<name>: the mean score of every available scorer. A scorer is a callable
   corpus rows int [R] -> scores [R] (low-level measures on pixels, an IAP head on fixed
-  reference embeddings, the world's ground truth; see world_scorers). Each scorer sees each
+  reference embeddings, a corpus's ground truth). Each scorer sees each
   system's retrieved rows once.
-- precision: the fraction of the top k relevant to the ORIGINAL query (the world knows;
-  elsewhere give a relevance function), so rephrasing that drifts off the subject shows.
+- precision: the fraction of the top k relevant to the ORIGINAL query (a corpus with ground
+  truth knows; elsewhere there is no precision), so rephrasing that drifts off topic shows.
 - diversity: mean pairwise cosine distance (1 - cos) among the top-k embeddings, per query:
   0 when all k are the same image, 1 when they are mutually orthogonal. Measured in a fixed
   embedding space when `reference_embeddings` are given (comparable across models), else in
@@ -27,9 +29,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from aesalign_jax.aesthetics import lowlevel as lowlevel_lib
 from aesalign_jax.evaluation import common
-from aesalign_jax.retrieval import search
+from aesalign_jax import retrieval
 
 RowScorer = Callable[[np.ndarray], np.ndarray]        # corpus rows [R] -> scores [R]
 Relevance = Callable[[int, np.ndarray], np.ndarray]   # (query position, rows [k]) -> bool [k]
@@ -40,16 +41,13 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.type = 'topk_quality'
   c.k = 10                       # images kept per query
-  # 'world': corpus = the world's `split`, queries = its held-out eval queries; 'corpus':
-  # the context's corpus_images (rows -> uint8) and corpus_size, and the context's queries
-  # (strings) or else those of `queries_path` (a real run's held-out queries).
-  c.source = 'world'
-  c.split = 'eval'
+  # The run's evaluation corpus (make_evaluators' `corpus`) is searched; the queries are the
+  # corpus's own held-out ones (make_evaluators' `queries`; relevance from its ground truth)
+  # unless queries_path names a file (text, one a line, or JSON Lines {"query": ...}).
+  c.queries_path = ''
   c.max_queries = 0              # first N queries only (0 = all)
   c.batch_size = 256             # images per embedding call
-  c.chunk_size = 65_536          # corpus rows per top-k step on device
-  # Scorers to report, by name among those given (context `scorers`, or the world's default
-  # ground truth and low-level ones); () = all of them.
+  # Scorers to report, by name among those given (make_evaluators' `scorers`); () = all.
   c.scorers = ()
   return c
 
@@ -62,7 +60,7 @@ class TopK:
   query_texts: list[str]             # what the system searched with (rephrased or not)
   rows: np.ndarray                   # int64 [Q, k] corpus rows, best first
   similarity: np.ndarray             # float32 [Q, k] cosine similarity to the query text
-  ids: Optional[np.ndarray] = None   # [Q, k] corpus ids (world indices), if known
+  ids: Optional[np.ndarray] = None   # [Q, k] corpus ids, if known
   aesthetic: dict = dataclasses.field(default_factory=dict)   # scorer name -> [Q, k]
   relevant: Optional[np.ndarray] = None                       # bool [Q, k]
 
@@ -118,11 +116,13 @@ def topk_quality(topk_emb: np.ndarray, aesthetic: Mapping[str, np.ndarray],
 
 
 def retrieve(system: common.System, queries: Sequence[str], corpus_emb: np.ndarray, k: int, *,
-             chunk_size: int = 65_536, mesh=None) -> TopK:
-  """The system's top-k corpus rows for each query (searching with its query texts)."""
+             searcher=None) -> TopK:
+  """The system's top-k corpus rows for each query (searching with its query texts).
+  searcher: retrieval.make_searcher(config.retrieval, mesh); None = the device default."""
+  if searcher is None:
+    searcher = retrieval.make_searcher(retrieval.default_config())
   texts = system.query_texts(queries)
-  sim, rows = search.topk(system.embed_texts(texts), corpus_emb, min(k, len(corpus_emb)),
-                          chunk_size=chunk_size, mesh=mesh)
+  sim, rows = searcher.topk(system.embed_texts(texts), corpus_emb, min(k, len(corpus_emb)))
   return TopK(system=system.name, queries=list(queries), query_texts=texts, rows=rows,
               similarity=sim)
 
@@ -130,8 +130,8 @@ def retrieve(system: common.System, queries: Sequence[str], corpus_emb: np.ndarr
 def evaluate_topk(system: common.System, queries: Sequence[str], corpus_emb: np.ndarray, *,
                   k: int = 10, scorers: Mapping[str, RowScorer] = (),
                   relevance: Optional[Relevance] = None, ids: Optional[np.ndarray] = None,
-                  diversity_emb: Optional[np.ndarray] = None, chunk_size: int = 65_536,
-                  mesh=None) -> tuple[dict[str, float], TopK]:
+                  diversity_emb: Optional[np.ndarray] = None,
+                  searcher=None) -> tuple[dict[str, float], TopK]:
   """(metrics, TopK) of one system: retrieve, score with every scorer, relevance, diversity.
 
   corpus_emb: [N, D] the system's embeddings of the corpus (what it searches);
@@ -139,7 +139,7 @@ def evaluate_topk(system: common.System, queries: Sequence[str], corpus_emb: np.
   ids: [N] corpus ids to attach to the result; diversity_emb: [N, D'] a fixed space for
   diversity (default: corpus_emb).
   """
-  top = retrieve(system, queries, corpus_emb, k, chunk_size=chunk_size, mesh=mesh)
+  top = retrieve(system, queries, corpus_emb, k, searcher=searcher)
   top.aesthetic = {name: score_rows(fn, top.rows) for name, fn in dict(scorers).items()}
   if relevance is not None:
     top.relevant = np.stack([np.asarray(relevance(qi, r), bool) for qi, r in enumerate(top.rows)])
@@ -149,104 +149,72 @@ def evaluate_topk(system: common.System, queries: Sequence[str], corpus_emb: np.
   return topk_quality(np.asarray(space)[top.rows], top.aesthetic, top.relevant), top
 
 
-def world_scorers(world, corpus_indices: np.ndarray, *, lowlevel=True,
-                  iap: Optional[RowScorer] = None) -> dict[str, RowScorer]:
-  """The world's scorers on corpus rows (rows index `corpus_indices`, world indices):
-  'ground_truth' (the world's aesthetic), 'lowlevel' (LowLevelScorer on the rendered pixels,
-  or the Scorer given as `lowlevel`; False = none) and 'iap' if given (e.g.
-  `lambda rows: iap.apply(params, reference_corpus_emb[rows])`)."""
-  idx = np.asarray(corpus_indices, np.int64)
-  out: dict[str, RowScorer] = {'ground_truth': lambda rows: world.aesthetic(idx[rows])}
-  if lowlevel is not False:
-    if lowlevel is True:
-      lowlevel = lowlevel_lib.LowLevelScorer()
-    scorer = lowlevel
-    out[scorer.name if getattr(scorer, 'name', '') else 'lowlevel'] = (
-        lambda rows: scorer.score(world.render_batch(idx[rows])))
-  if iap is not None:
-    out['iap'] = iap
-  return out
-
-
 @common.register('topk_quality')
 class TopKQualityEvaluator(common.Evaluator):
   """Top-k aesthetics / precision / diversity per system (config: default_config).
 
-  Context: `world` (source 'world') or `corpus_images`, `corpus_size` and `queries` (else
-  the section's queries_path is read) (source 'corpus'); optional `scorers` (name ->
-  RowScorer on this evaluator's corpus rows; default in the world: world_scorers),
-  `relevance`, `corpus_ids` and `corpus_embeddings` (system name -> [N, D], that system's
-  embeddings of the corpus rows when already computed, e.g. a stored index; others embed
-  the corpus themselves) (source 'corpus'), `reference_embeddings` (fixed space for
-  diversity), `mesh`. `results` keeps each system's TopK by system name.
+  Context: `corpus` (input_pipeline.corpus.Corpus: images by row, optional ground truth),
+  `queries` (its held-out queries) unless the section's queries_path is set, `scorers` (name
+  -> RowScorer on corpus rows), optional `corpus_embeddings` (system name -> [N, D], that
+  system's embeddings of the rows when already computed, e.g. a stored index; others embed
+  the corpus themselves), `reference_embeddings` (fixed space for diversity), `searcher`
+  (retrieval.make_searcher; default: on the default device).
+  Relevance (precision) comes from the corpus's ground truth, for its own queries.
+  `results` keeps each system's TopK by system name.
   """
 
   def __init__(self, config, **kwargs):
     super().__init__(config, **kwargs)
     self.results: dict[str, TopK] = {}
+    self._queries = None
 
-  def _corpus(self):
-    """(queries, load_images(rows), corpus size, ids, relevance, default scorers, cache key)."""
-    c = self.config
-    if c.source == 'world':
-      world = self.need('world')
-      idx = world.split_indices(c.split)
-      queries = list(world.eval_queries)
+  def queries(self) -> tuple[list[str], Optional[Relevance]]:
+    """(queries, relevance or None): the section's file, else the corpus's own queries."""
+    c, corpus = self.config, self.need('corpus')
+    if self._queries is None:
+      path = c.get('queries_path', '')
+      if path:
+        from aesalign_jax import mining  # pylint: disable=g-import-not-at-top
+        try:
+          self._queries = mining.load_queries(path)
+        except ValueError as e:
+          raise ValueError(f'config.evals.{self.name}.queries_path={path!r} holds no query') from e
+      else:
+        self._queries = [str(q) for q in self.context.get('queries') or ()]
+        if not self._queries:
+          raise ValueError(f'evals.{self.name}: the corpus has no held-out queries of its own; '
+                           'set queries_path (the held-out queries file)')
       if c.max_queries:
-        queries = queries[:c.max_queries]
-      relevance = lambda qi, rows: world.is_relevant(queries[qi], idx[rows])
-      return ([q.text for q in queries], lambda rows: world.render_batch(idx[rows]), len(idx),
-              idx, relevance, lambda: world_scorers(world, idx), f'world:{c.split}:{len(idx)}')
-    if c.source == 'corpus':
-      queries = [str(q) for q in self._corpus_queries()]
-      if c.max_queries:
-        queries = queries[:c.max_queries]
-      n = int(self.need('corpus_size'))
-      return (queries, self.need('corpus_images'), n, self.context.get('corpus_ids'),
-              self.context.get('relevance'), dict, f'corpus:{n}')
-    raise ValueError(f"evals.{self.name}.source={c.source!r}: expected 'world' or 'corpus'")
-
-  def _corpus_queries(self) -> list:
-    """The context's queries, else those of the section's queries_path (text, one a line,
-    or JSON Lines {"query": ...}: the mine stage's reader)."""
-    if self.context.get('queries') is not None:
-      return list(self.context['queries'])
-    path = self.config.get('queries_path', '')
-    if not path:
-      raise ValueError(f"evals.{self.name}: source 'corpus' needs queries_path (the held-out "
-                       'queries file), or queries given to make_evaluators')
-    if getattr(self, '_queries', None) is None:
-      from aesalign_jax import mining  # pylint: disable=g-import-not-at-top
-      try:
-        self._queries = mining.load_queries(path)
-      except ValueError as e:
-        raise ValueError(f'config.evals.{self.name}.queries_path={path!r} holds no query') from e
-    return self._queries
+        self._queries = self._queries[:c.max_queries]
+    queries = self._queries
+    truth = None if c.get('queries_path', '') else corpus.truth
+    relevance = None if truth is None else (lambda qi, rows: truth.relevant(queries[qi], rows))
+    return queries, relevance
 
   def run(self, system: common.System) -> dict[str, float]:
-    c = self.config
-    queries, load, n, ids, relevance, default_scorers, key = self._corpus()
-    scorers = self.context.get('scorers')
-    scorers = dict(default_scorers() if scorers is None else scorers)
+    c, corpus = self.config, self.need('corpus')
+    queries, relevance = self.queries()
+    scorers = dict(self.context.get('scorers') or {})
     if c.scorers:
       missing = sorted(set(c.scorers) - set(scorers))
       if missing:
         raise ValueError(f'evals.{self.name}.scorers names {missing}; available: '
                          f'{sorted(scorers)}')
       scorers = {name: scorers[name] for name in c.scorers}
-    given = (self.context.get('corpus_embeddings') or {}) if c.source == 'corpus' else {}
+    n = len(corpus)
+    given = self.context.get('corpus_embeddings') or {}
     if system.name in given:
       corpus_emb = np.asarray(given[system.name], np.float32)
       if len(corpus_emb) != n:
         raise ValueError(f'evals.{self.name}: corpus_embeddings[{system.name!r}] has '
                          f'{len(corpus_emb)} rows for a corpus of {n}')
     else:
-      corpus_emb = self.cache.get(system, key, lambda: np.concatenate([
-          system.embed_images(load(np.arange(s, min(n, s + c.batch_size))))
+      corpus_emb = self.cache.get(system, corpus.name, lambda: np.concatenate([
+          system.embed_images(corpus.images(np.arange(s, min(n, s + c.batch_size)))[0])
           for s in range(0, n, c.batch_size)]))
     metrics, top = evaluate_topk(
-        system, queries, corpus_emb, k=c.k, scorers=scorers, relevance=relevance, ids=ids,
-        diversity_emb=self.context.get('reference_embeddings'), chunk_size=c.chunk_size,
-        mesh=self.context.get('mesh'))
+        system, queries, corpus_emb, k=c.k, scorers=scorers, relevance=relevance,
+        ids=corpus.ids, diversity_emb=self.context.get('reference_embeddings'),
+        searcher=self.context.get('searcher'))
     self.results[system.name] = top
     return metrics

@@ -147,10 +147,7 @@ def _read_class_names(spec) -> Optional[list[str]]:
 
 def tfds_label_names(source) -> list[str]:
   """Class names of a TfdsSource's label feature (builder info), underscores as spaces."""
-  names = getattr(source, 'label_names', None)
-  if names is None:
-    names = source._data.dataset_info.features[source.label_key].names  # pylint: disable=protected-access
-  return [str(n).replace('_', ' ') for n in names]
+  return [str(n).replace('_', ' ') for n in source.class_names()]
 
 
 @common.register('zeroshot')

@@ -1,9 +1,11 @@
-"""Retrieval: corpus embeddings on disk, top-K search on device, and a FAISS backend.
+"""Retrieval: corpus embeddings on disk, and top-K search on device or with FAISS.
 
   index.py        embed_corpus (sharded batches -> shard files + manifest, resumable),
                   load_index / iter_shards, image_embed_fn, fingerprint_params
   search.py       topk / search_ids: exact (or approx_max_k) top-K in chunks, over a mesh
   faiss_index.py  FaissIndex (optional extra: pip install aesalign[faiss])
+  searcher.py     Searcher / make_searcher(config.retrieval, mesh): the backend the config
+                  chooses, behind one topk(query_emb, corpus_emb, k); validate(config.retrieval)
 """
 
 import ml_collections
@@ -12,26 +14,24 @@ from aesalign_jax.retrieval.index import (  # noqa: F401
     IndexMismatchError, embed_corpus, fingerprint_params, image_embed_fn, iter_shards,
     load_index, read_manifest)
 from aesalign_jax.retrieval.search import search_ids, topk  # noqa: F401
+from aesalign_jax.retrieval.searcher import Searcher, make_searcher, validate  # noqa: F401
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Defaults of the retrieval section (config.retrieval)."""
+  """Defaults of the retrieval section (config.retrieval): what make_searcher reads."""
   c = ml_collections.ConfigDict()
-  # Corpus rows per shard file of the embedding index (a resumed run redoes at most one).
-  c.shard_size = 50_000
-  # Images per embedding call (a multiple of the devices on the mesh's batch axes).
-  c.batch_size = 256
-  # Storage dtype of the embeddings: 'float32' or 'float16' (half the disk and transfer).
-  c.dtype = 'float32'
-  # 'device': topk() on the accelerators; 'faiss': a FaissIndex on the host (huge corpora).
+  # 'device': search.topk on the accelerators; 'faiss': a FaissIndex on the host (huge
+  # corpora; pip install aesalign[faiss]).
   c.backend = 'device'
-  # Corpus rows scored per device step, and queries per step: device memory for scores is
-  # about query_chunk * chunk_size * 4 bytes.
+  # device: corpus rows scored per step, split over the mesh's devices.
   c.chunk_size = 65_536
+  # device: queries per step; memory for scores is about query_chunk * chunk_size * 4 bytes.
   c.query_chunk = 1024
-  # jax.lax.approx_max_k per chunk instead of exact top_k (a TPU speed-up; exact on CPU).
+  # device: jax.lax.approx_max_k per chunk instead of exact top_k (a TPU speed-up; exact on
+  # CPU). Off keeps device and faiss 'flat_ip' results the same.
   c.approx = False
+  # device, approx=True: approx_max_k's expected recall.
   c.recall_target = 0.95
-  # FAISS index kind when backend='faiss': 'flat_ip' (exact), 'hnsw' or 'ivf_flat'.
+  # faiss: the index kind: 'flat_ip' (exact), 'hnsw' or 'ivf_flat' (approximate).
   c.faiss_kind = 'flat_ip'
   return c

@@ -23,15 +23,17 @@ import numpy as np
 from aesalign_jax.retrieval import index as index_lib
 
 KINDS = ('flat_ip', 'hnsw', 'ivf_flat')
+INSTALL_HINT = 'pip install aesalign[faiss]'
 _INDEX_FILE, _IDS_FILE, _META_FILE = 'faiss.index', 'ids.npz', 'faiss.json'
 
 
-def _faiss():
+def load_faiss():
+  """The faiss module; ImportError naming the pip extra when it is not installed."""
   try:
     import faiss  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError('the FAISS retrieval backend needs the faiss package: '
-                      'pip install aesalign[faiss]  (or: pip install faiss-cpu)') from e
+                      f'{INSTALL_HINT}  (or: pip install faiss-cpu)') from e
   return faiss
 
 
@@ -59,7 +61,7 @@ class FaissIndex:
   def build(cls, embeddings, ids, kind: str = 'flat_ip', *, hnsw_m: int = 32,
             ivf_lists: Optional[int] = None, nprobe: int = 16) -> 'FaissIndex':
     """An index of embeddings [N, D] (inner product) with ids [N] (integers or strings)."""
-    faiss = _faiss()
+    faiss = load_faiss()
     embeddings = np.ascontiguousarray(embeddings, np.float32)
     ids = index_lib.as_ids(ids)
     if embeddings.ndim != 2 or len(embeddings) != len(ids):
@@ -80,7 +82,7 @@ class FaissIndex:
     if kind == 'ivf_flat':   # training needs the vectors at once
       embeddings, ids = index_lib.load_index(index_dir, np.float32)
       return cls.build(embeddings, ids, kind, **kwargs)
-    faiss, index, all_ids = _faiss(), None, []
+    faiss, index, all_ids = load_faiss(), None, []
     for emb, ids, _ in index_lib.iter_shards(index_dir):
       if index is None:
         index = _new_index(faiss, kind, emb.shape[1], 0, hnsw_m=kwargs.get('hnsw_m', 32),
@@ -110,7 +112,7 @@ class FaissIndex:
 
   def save(self, folder: str):
     """faiss.index (faiss's format), ids.npz and faiss.json, each written atomically."""
-    faiss = _faiss()
+    faiss = load_faiss()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, _INDEX_FILE)
     tmp = f'{path}.tmp{os.getpid()}'
@@ -122,7 +124,7 @@ class FaissIndex:
 
   @classmethod
   def load(cls, folder: str) -> 'FaissIndex':
-    faiss = _faiss()
+    faiss = load_faiss()
     meta_path = os.path.join(folder, _META_FILE)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(f'no FAISS index in {folder} (no {_META_FILE})')

@@ -5,11 +5,7 @@
                            shard_size=50_000, batch_size=256)
     embeddings, ids = load_index(out_dir)          # or: for emb, ids, start in iter_shards(out_dir)
 
-Layout of out_dir:
-  shard_00000.npz   'embeddings' [n, D] float32 or float16, 'ids' [n] int64 or fixed-width
-                    unicode; rows [j * shard_size, j * shard_size + n) of the corpus
-  manifest.json     {format, dim, count, dtype, shard_size, fingerprint, ids_sha256, complete,
-                     shards: [{file, start, count}]}
+Layout of out_dir: shard files and a manifest.json (index_files.py, which also reads them).
 
 Every file is written to a temporary name and renamed into place, so a crash leaves either the
 whole shard or none of it. A rerun reuses every shard on disk whose ids are the expected ones
@@ -25,11 +21,9 @@ the mesh) and process 0 alone writes; out_dir must be on a file system all proce
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
-import zipfile
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Union
 
 import jax
 import jax.numpy as jnp
@@ -37,40 +31,19 @@ import numpy as np
 from absl import logging
 
 from aesalign_jax import sharding
+# The on-disk layout and the readers, importable from here too (index.load_index...).
+from aesalign_jax.retrieval.index_files import (  # noqa: F401
+    FORMAT, MANIFEST, IndexMismatchError, as_ids, atomic_write, check_compatible, clear_index,
+    ids_digest, iter_shards, load_index, read_manifest, shard_is_complete, shard_name,
+    write_manifest, write_shard)
 
-MANIFEST = 'manifest.json'
-FORMAT = 1
+__all__ = ['FORMAT', 'MANIFEST', 'IndexMismatchError', 'LoadBatch', 'as_ids', 'atomic_write',
+           'embed_corpus', 'fingerprint_params', 'image_embed_fn', 'iter_shards', 'load_index',
+           'read_manifest', 'shard_name']
+
 _DTYPES = ('float32', 'float16')
 
 LoadBatch = Callable[[np.ndarray], Any]   # corpus rows int64 [B] -> uint8 [B, H, W, 3] or dict
-
-
-class IndexMismatchError(ValueError):
-  """An existing index in out_dir was built for another model or corpus."""
-
-
-def shard_name(j: int) -> str:
-  return f'shard_{j:05d}.npz'
-
-
-def as_ids(ids) -> np.ndarray:
-  """Corpus ids as int64 or fixed-width unicode (np.savez stores both without pickle)."""
-  arr = np.asarray(ids)
-  if arr.ndim != 1:
-    raise ValueError(f'corpus ids must be one-dimensional, got shape {arr.shape}')
-  if np.issubdtype(arr.dtype, np.integer):
-    return arr.astype(np.int64)
-  if arr.dtype.kind == 'U':
-    return arr
-  if arr.dtype.kind in ('S', 'O'):
-    return np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in arr], dtype=str)
-  raise TypeError(f'corpus ids must be integers or strings, got dtype {arr.dtype}')
-
-
-def _ids_digest(ids: np.ndarray) -> str:
-  h = hashlib.sha256(ids.dtype.str.encode())
-  h.update(np.ascontiguousarray(ids).tobytes())
-  return h.hexdigest()[:32]
 
 
 def fingerprint_params(params, extra: str = '') -> str:
@@ -115,104 +88,6 @@ def image_embed_fn(cfg, params, *, mesh=None, rules=None) -> Callable[[Any], jax
 
   fn = jax.jit(sharded_encode)
   return lambda x: fn(placed, x)
-
-
-# --- files ------------------------------------------------------------------------------------
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = 'wb'):
-  """write(file) to a temporary name, fsync, rename over path: all of the file or none."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, mode) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _write_shard(path: str, embeddings: np.ndarray, ids: np.ndarray):
-  atomic_write(path, lambda f: np.savez(f, embeddings=embeddings, ids=ids))
-
-
-def _write_manifest(out_dir: str, manifest: dict):
-  text = json.dumps(manifest, indent=1)
-  atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(text), mode='w')
-
-
-def read_manifest(out_dir: str) -> Optional[dict]:
-  """The index's manifest.json, or None when out_dir has none."""
-  path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      manifest = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise IndexMismatchError(f'{path} is not a readable index manifest ({e}); remove the folder '
-                             f'or pass rebuild=True') from e
-  if manifest.get('format') != FORMAT:
-    raise IndexMismatchError(f'{path}: format {manifest.get("format")!r}, expected {FORMAT}')
-  return manifest
-
-
-def _npz_array_shape(path: str, key: str) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape and dtype of one array in an .npz, from its header only (no data read)."""
-  with zipfile.ZipFile(path) as zf, zf.open(f'{key}.npy') as f:
-    major, _ = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                   else np.lib.format.read_array_header_2_0)
-    shape, _, dtype = read_header(f)
-  return shape, dtype
-
-
-def _shard_is_complete(path: str, want_ids: np.ndarray, dim: Optional[int], dtype: str) -> bool:
-  """Whether the shard file holds exactly these ids and [len(ids), dim] embeddings of dtype."""
-  if not os.path.exists(path):
-    return False
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      ids = z['ids']
-    shape, stored = _npz_array_shape(path, 'embeddings')
-  except Exception as e:  # a damaged file: say so and recompute it
-    logging.warning('index shard %s is unreadable (%s); recomputing it', path, e)
-    return False
-  if ids.shape != want_ids.shape or not np.array_equal(ids, want_ids):
-    logging.warning('index shard %s holds other ids than expected; recomputing it', path)
-    return False
-  if len(shape) != 2 or shape[0] != len(want_ids) or (dim is not None and shape[1] != dim) or \
-      np.dtype(stored) != np.dtype(dtype):
-    logging.warning('index shard %s has embeddings %s %s, expected [%d, %s] %s; recomputing it',
-                    path, shape, stored, len(want_ids), dim, dtype)
-    return False
-  return True
-
-
-def _check_compatible(old: dict, new: dict, out_dir: str):
-  path = os.path.join(out_dir, MANIFEST)
-  hint = 'pass rebuild=True (or use another folder) to rebuild it'
-  if old.get('fingerprint') != new['fingerprint']:
-    raise IndexMismatchError(
-        f'{path} was built with model fingerprint {old.get("fingerprint")!r}, not '
-        f'{new["fingerprint"]!r}: its embeddings belong to another model; {hint}')
-  for key, what in (('count', 'corpus size'), ('ids_sha256', 'corpus ids'),
-                    ('shard_size', 'shard size'), ('dtype', 'storage dtype')):
-    if old.get(key) != new[key]:
-      raise IndexMismatchError(f'{path} has {what} {key}={old.get(key)!r}, this run asks for '
-                               f'{new[key]!r}; {hint}')
-  if new.get('dim') is not None and old.get('dim') not in (None, new['dim']):
-    raise IndexMismatchError(f'{path} has embedding size dim={old.get("dim")}, this run asks '
-                             f'for {new["dim"]}; {hint}')
-
-
-def _clear(out_dir: str):
-  """Removes the index files (manifest, shards, leftover temporaries) and nothing else."""
-  for name in sorted(os.listdir(out_dir)):
-    if name.startswith(MANIFEST) or (name.startswith('shard_') and '.npz' in name):
-      logging.warning('index %s: removing %s', out_dir, name)
-      os.remove(os.path.join(out_dir, name))
 
 
 # --- reading images ---------------------------------------------------------------------------
@@ -334,12 +209,12 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
   os.makedirs(out_dir, exist_ok=True)
   manifest = {'format': FORMAT, 'dim': None, 'count': n, 'dtype': dtype,
               'shard_size': int(shard_size), 'fingerprint': str(fingerprint),
-              'ids_sha256': _ids_digest(ids), 'complete': False, 'shards': []}
+              'ids_sha256': ids_digest(ids), 'complete': False, 'shards': []}
   old = read_manifest(out_dir)
   trusted = old is not None   # shards on disk belong to this model and corpus
   if old is not None:
     try:
-      _check_compatible(old, manifest, out_dir)
+      check_compatible(old, manifest, out_dir)
       manifest['dim'] = old.get('dim')
     except IndexMismatchError:
       if not rebuild:
@@ -348,7 +223,7 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
       trusted = False
   plan = [(j, s, min(s + shard_size, n)) for j, s in enumerate(range(0, n, shard_size))]
   done = {j for j, s, e in plan
-          if trusted and _shard_is_complete(os.path.join(out_dir, shard_name(j)), ids[s:e],
+          if trusted and shard_is_complete(os.path.join(out_dir, shard_name(j)), ids[s:e],
                                             manifest['dim'], dtype)}
   manifest['shards'] = [{'file': shard_name(j), 'start': s, 'count': e - s}
                         for j, s, e in plan if j in done]
@@ -356,12 +231,12 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
   _sync_processes('embed_corpus:checked')   # every process has read the files before any write
   if writer:
     if not trusted:   # without a compatible manifest nothing on disk is known to be ours
-      _clear(out_dir)
+      clear_index(out_dir)
     for name in os.listdir(out_dir):   # temporaries of a killed run: never a finished file
       if name.startswith('shard_') and '.npz.tmp' in name:
         os.remove(os.path.join(out_dir, name))
     # Written before any new shard: a shard on disk always has a manifest vouching for it.
-    _write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
   _sync_processes('embed_corpus:planned')
 
   reader = _RowReader(images)
@@ -400,52 +275,14 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
         parts.append(out.astype(dtype))
         bar.update(real)
       if writer:
-        _write_shard(os.path.join(out_dir, shard_name(j)), np.concatenate(parts), ids[s:e])
+        write_shard(os.path.join(out_dir, shard_name(j)), np.concatenate(parts), ids[s:e])
         manifest['shards'].append({'file': shard_name(j), 'start': s, 'count': e - s})
         manifest['shards'].sort(key=lambda r: r['start'])
         manifest['complete'] = len(manifest['shards']) == len(plan)
-        _write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest)
       computed += 1
   seconds = time.perf_counter() - start_time
   rows_computed = sum(e - s for j, s, e in plan if j not in done)
   return {'out_dir': out_dir, 'count': n, 'dim': manifest['dim'], 'shards': len(plan),
           'computed_shards': computed, 'reused_shards': len(done), 'seconds': seconds,
           'images_per_s': rows_computed / seconds if rows_computed and seconds > 0 else None}
-
-
-# --- reading the index ------------------------------------------------------------------------
-
-def _complete_manifest(out_dir: str) -> dict:
-  manifest = read_manifest(out_dir)
-  if manifest is None:
-    raise FileNotFoundError(f'no index in {out_dir} (no {MANIFEST}); build it with embed_corpus')
-  if not manifest.get('complete'):
-    have = sum(r['count'] for r in manifest['shards'])
-    raise ValueError(f'index {out_dir} is incomplete ({have} of {manifest["count"]} rows '
-                     f'embedded); rerun embed_corpus to finish it')
-  return manifest
-
-
-def iter_shards(out_dir: str) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-  """Yields (embeddings [n, D], ids [n], first corpus row) shard by shard, in corpus order."""
-  manifest = _complete_manifest(out_dir)
-  for rec in manifest['shards']:
-    path = os.path.join(out_dir, rec['file'])
-    with np.load(path, allow_pickle=False) as z:
-      emb, ids = z['embeddings'], z['ids']
-    if emb.shape != (rec['count'], manifest['dim']) or len(ids) != rec['count']:
-      raise ValueError(f'index shard {path}: embeddings {emb.shape} and {len(ids)} ids, the '
-                       f'manifest says [{rec["count"]}, {manifest["dim"]}]')
-    yield emb, ids, rec['start']
-
-
-def load_index(out_dir: str, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-  """The whole index in memory: (embeddings [N, D] (stored dtype unless given), ids [N])."""
-  manifest = _complete_manifest(out_dir)
-  dtype = np.dtype(manifest['dtype'] if dtype is None else dtype)
-  embeddings = np.empty((manifest['count'], manifest['dim']), dtype)
-  ids = []
-  for emb, shard_ids, start in iter_shards(out_dir):
-    embeddings[start:start + len(emb)] = emb
-    ids.append(shard_ids)
-  return embeddings, np.concatenate(ids)

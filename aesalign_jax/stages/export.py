@@ -1,0 +1,30 @@
+"""Stage `export`: the aligned model as a Hugging Face folder and an orbax parameter
+checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+from aesalign_jax import checkpointing
+from aesalign_jax.models import hf
+from aesalign_jax.stages import cache, context
+
+NEEDS = ('align',)
+
+
+def run(ctx, inputs: dict) -> str:
+  """The export folder (hf/ and params/)."""
+  source = inputs['align']
+  out = os.path.join(ctx.workdir, 'export')
+
+  def run_export(stage_dir):
+    cfg, params, tok = context.load_model_folder(source)
+    hf_dir = os.path.join(stage_dir, 'hf')
+    hf.save_hf_folder(cfg, params, hf_dir)
+    tok.save(hf_dir)
+    checkpointing.save_params(os.path.join(stage_dir, 'params'), params)
+    return {'hf_folder': hf_dir, 'params': os.path.join(stage_dir, 'params')}
+
+  cache.cached_stage('export', ctx.workdir, {'source': cache.fingerprint_file(source)},
+                     run_export)
+  return out
