@@ -146,6 +146,8 @@ def validation(world, model_folder: str, corpus_size: int = 20_000) -> dict:
   from aesalign_jax.evaluation import zeroshot  # pylint: disable=g-import-not-at-top
   from aesalign_jax.retrieval import search  # pylint: disable=g-import-not-at-top
   cfg, params = hf.load_hf_folder(model_folder)
+  if cfg.image_size != world.image_size:   # the same scenes, rendered at the model's size
+    world = world_lib.World(world.config, image_size=cfg.image_size)
   embedder = embed.Embedder(cfg, params, ClipTokenizer.from_folder(model_folder))
   train = world.split_indices('train')
   idx, attr = one_object(world, train[-3000:])
