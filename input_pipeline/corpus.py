@@ -59,7 +59,8 @@ class Corpus:
   name: str = 'corpus'             # also the key under which systems' embeddings are cached
   ids: np.ndarray                  # [N] record ids: str, or int (the world's indices)
   truth: Optional[GroundTruth] = None
-  summary: dict = {}               # counts quoted in stage summaries and the report
+  summary: dict                    # counts quoted in stage summaries and the report (each
+                                   # subclass sets its own dict)
   # Images are decoded from files, so some may fail: mining and the report count records,
   # unreadable and indexed images.
   decodes_files: bool = False
@@ -184,7 +185,11 @@ class SourceCorpus(Corpus):
     return self._reader(rows)
 
   def captions(self, rows) -> list[str]:
-    return [str(self.source[int(r)]['caption']) for r in np.asarray(rows).reshape(-1)]
+    rows = np.asarray(rows).reshape(-1)
+    indexed = getattr(self.source, 'captions', None)   # from the index: no image decoded
+    if indexed is not None:
+      return [str(indexed[int(r)]) for r in rows]
+    return [str(self.source[int(r)]['caption']) for r in rows]
 
   def fingerprint(self) -> dict:
     return source_fingerprint(self.data, self._file_fingerprint)

@@ -194,6 +194,11 @@ class _PathCaptionSource(ReadFailureLog):
     """The records' ids in record order, from the index (no image is decoded)."""
     return [entry.id for entry in self._entries]
 
+  @property
+  def captions(self) -> list[str]:
+    """The records' captions in record order, from the index (no image is decoded)."""
+    return [entry.caption for entry in self._entries]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
     record = {"image": None, "caption": entry.caption, "id": entry.id,
