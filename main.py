@@ -46,6 +46,26 @@ def maybe_initialize_distributed(setting: str) -> None:
     jax.distributed.initialize()   # reads the coordinator from the TPU/SLURM/MPI environment
 
 
+def _refuse(message: str) -> None:
+  """Exits 2 naming what is wrong, before any stage runs: how every bad config ends."""
+  print(f'error: refused config: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; an override of a key the config does not have
+  (--config.pretrain.stepz=5) is refused like every other bad config, exit 2 with the key
+  named, instead of ending in ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError):
+    from aesalign_jax import config_checks
+    unknown = config_checks.unknown_override(argv)
+    if unknown is None:
+      raise
+    _refuse(unknown)
+
+
 class _QuietLibraries(pylogging.Filter):
   """Drops the INFO chatter of orbax and XLA's backend probing; warnings still pass."""
   NOISY = ('orbax', 'xla_bridge', 'etils')
@@ -69,18 +89,18 @@ def main(argv):
   try:
     model_cfg = config_checks.validate(config)
     mesh = sharding.make_mesh(config.mesh)
+    stages.start(config, FLAGS.workdir, mesh)   # opens the corpus: refuses repeated ids
   except ValueError as e:
     logging.error('refused config: %s', e)
-    print(f'error: refused config: {e}', file=sys.stderr)
-    sys.exit(2)
+    _refuse(str(e))
   logging.info('process %d of %d; %d devices (%d local): %s', jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].device_kind)
   logging.info('%s', sharding.describe(mesh))
   logging.info('model: %s', model_cfg)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  stages.run(FLAGS.mode, config, FLAGS.workdir, mesh)
+  stages.run(FLAGS.mode, config, FLAGS.workdir, mesh)   # (reusing the corpus opened above)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

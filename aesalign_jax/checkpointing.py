@@ -24,6 +24,10 @@ Why it is safe:
 - Async saves: save() copies the arrays to host memory and writes the iterators' JSON before
   it returns; files are written in a background thread. The state may be donated or
   overwritten right after save() returns, and the iterators may advance.
+- Bounded lag: a save starts only after the previous one is committed (save() waits for it),
+  so a kill loses at most the steps since the newest save but one. "checkpoint: step N
+  committed" is logged once a step is on disk for good: by poll() (the loop calls it every
+  step; it never blocks), else by the next save() or close().
 - Structure: restore() always passes the abstract target, so the tree structure (namedtuples
   of optax states, integer dict keys such as transformer block indices) comes from the
   target, not from orbax's on-disk metadata (which stores every key as a string); arrays come
@@ -84,6 +88,8 @@ class Checkpointer:
       raise ValueError(f'checkpoint.max_to_keep must be positive or None, got {max_to_keep}')
     self.directory = _absolute(directory)
     self.save_interval_steps = save_interval_steps
+    self._async = async_save
+    self._pending: Optional[int] = None   # a step saved but not yet seen committed
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -124,7 +130,27 @@ class Checkpointer:
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     for name, it in (iterators or {}).items():
       items[_data_item(name)] = grain.checkpoint.CheckpointSave(it)
-    return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
+    # Bound the lag: an async save still being written when the next one is due would leave
+    # a kill in between with nothing newer than the save before it.
+    self._commit_pending()
+    saved = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
+    if saved:
+      self._pending = step
+      if not self._async:
+        self._commit_pending()
+    return saved
+
+  def poll(self) -> None:
+    """Logs the pending save's commit if it has finished; never waits for it."""
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self._commit_pending()
+
+  def _commit_pending(self) -> None:
+    """Waits for the pending save (raising its error, if any), then logs its commit."""
+    self._mngr.wait_until_finished()
+    if self._pending is not None:
+      logging.info('checkpoint: step %d committed in %s', self._pending, self.directory)
+      self._pending = None
 
   def restore(self, abstract_state: Any, iterators: Optional[Mapping[str, Any]] = None,
               step: Optional[int] = None) -> Optional[tuple[int, Any]]:
@@ -161,7 +187,7 @@ class Checkpointer:
                        'was it written with the same data iterators?')
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete step in the directory (also one written by an earlier run)."""
+    """The newest step saved (also by an earlier run); a step still being written counts."""
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
@@ -174,11 +200,11 @@ class Checkpointer:
 
   def wait_until_finished(self):
     """Blocks until an asynchronous save has been written (and raises its error, if any)."""
-    self._mngr.wait_until_finished()
+    self._commit_pending()
 
   def close(self):
     """Waits for a pending save, then releases orbax's resources."""
-    self._mngr.wait_until_finished()
+    self._commit_pending()
     self._mngr.close()
 
   def __enter__(self):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import math
 import os
+import re
 
 import jax
 
@@ -201,3 +204,46 @@ def check_stages_read(config) -> None:
   if problems:
     raise ValueError('inputs the stages cannot read (aesalign_jax/stages/):\n  '
                      + '\n  '.join(problems))
+
+
+def unknown_override(argv) -> str | None:
+  """What is wrong with the first --config.a.b override in a command line (main.py's argv)
+  naming no key of the --config file, e.g. "--config.pretrain.stepz=5: config.pretrain.stepz is
+  not a config key (did you mean config.pretrain.steps?)"; None when every override names
+  one, or when the config file cannot be read (then absl's own error stands).
+
+  ml_collections raises a bare KeyError or AttributeError for such an override while it parses
+  the flags; main.py asks this to refuse it like every other bad config."""
+  config_arg = None
+  for i, arg in enumerate(argv):
+    if re.fullmatch(r'--?config', arg) and i + 1 < len(argv):
+      config_arg = argv[i + 1]
+    elif arg.startswith(('--config=', '-config=')):
+      config_arg = arg.split('=', 1)[1]
+  try:
+    config = _load_config_file(config_arg)
+  except Exception:   # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    match = re.match(r'--?(?:no)?config\.([^=]+)', arg)
+    if not match or '[' in match.group(1):   # (an index into a list field: not walked)
+      continue
+    node, walked = config, []
+    for field in match.group(1).split('.'):
+      fields = list(node.keys()) if hasattr(node, 'keys') else []
+      if field not in fields:
+        close = difflib.get_close_matches(field, fields, n=1)
+        hint = f' (did you mean config.{".".join(walked + close)}?)' if close else ''
+        return f'{arg}: config.{".".join(walked + [field])} is not a config key{hint}'
+      walked.append(field)
+      node = node[field]
+  return None
+
+
+def _load_config_file(config_arg: str):
+  """get_config(arg) of 'file.py:arg' (get_config() without ':'), as --config loads it."""
+  path, *arg = config_arg.split(':', 1)
+  spec = importlib.util.spec_from_file_location('config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*arg)

@@ -67,7 +67,8 @@ def clip_flops(cfg: ClipConfig, *, images: int, texts: int, backward: bool = Tru
 
   Counts matrix multiplications and attention, 2 FLOPs per multiply-accumulate:
     image: n = num_patches + 1 tokens, width w, MLP m, L layers, patch p
-      MACs = num_patches * 3 p^2 * w               (patch embedding)
+      MACs = num_patches * 3 p^2 * w               (patch embedding; with the conv stem,
+                                                    its 3x3 layers and a 1x1 map into w)
            + L * (4 n w^2 + 2 n w m + 2 n^2 w)     (blocks: projections, MLP, attention)
            + w * embed_dim                         (projection of the class token)
     text: t = text_length (default context_length) tokens, the same per block, plus
@@ -79,7 +80,13 @@ def clip_flops(cfg: ClipConfig, *, images: int, texts: int, backward: bool = Tru
   i.e. returns 3x the forward FLOPs, the convention of MFU reports.
   """
   n = cfg.num_patches + 1
-  image_macs = (cfg.num_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width
+  stem_macs, side, cin = 0, cfg.image_size, 3
+  for cout in cfg.stem_channels:            # the conv stem's 3x3 stride-2 layers
+    side //= 2
+    stem_macs += side * side * 9 * cin * cout
+    cin = cout
+  kernel = 1 if cfg.stem_channels else cfg.patch_size
+  image_macs = (stem_macs + cfg.num_patches * cin * kernel ** 2 * cfg.vision_width
                 + _transformer_macs(n, cfg.vision_width, cfg.vision_mlp, cfg.vision_layers)
                 + cfg.vision_width * cfg.embed_dim)
   t = cfg.context_length if text_length is None else text_length

@@ -16,6 +16,10 @@
    images with an in-batch negative that differs only in shape (same colour, size and
    pattern), or that shares the colour with a different shape: how often the contrastive loss
    needs shape at all.
+4. nuisance_probe: label_probe for shape on the world as it is, on 'clean' images (the same
+   scenes re-rendered sharp, noise-free, well exposed and without clutter strokes), on
+   'plain' ones (only the plain-background images) and on both: which of the world's
+   nuisances (pattern edges, blur/noise/exposure/strokes) make shape slow to learn.
 
 Held-out images are the world's eval split: nothing here is tuned on them (the report reads the
 same split; these numbers explain it, they choose nothing). To compare settings, `validation`
@@ -27,6 +31,7 @@ ground-truth aesthetic) of the mining queries over the mining corpus.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -55,14 +60,32 @@ def one_object(world, indices: np.ndarray) -> tuple[np.ndarray, dict]:
                          'size': scene.size[keep, 0], 'pattern': scene.pattern[keep]}
 
 
+# Factor overrides that remove the pixel nuisances: sharp, noise-free, exposed, no strokes.
+CLEAN = {'sharpness': 1.0, 'noise': 1.0, 'exposure': 1.0, 'clutter': 1.0}
+NUISANCES = ('world', 'clean', 'plain', 'clean_plain')
+
+
+def _only_plain(idx, attr):
+  keep = attr['pattern'] == world_scene.PATTERNS.index('plain')
+  return idx[keep], {k: v[keep] for k, v in attr.items()}
+
+
 def label_probe(world, cfg, *, attribute: str, lr: float, steps: int, batch: int = 128,
-                eval_images: int = 2000, every: int = 100, seed: int = 0) -> dict:
-  """Held-out top-1 of the vision tower trained on one attribute's labels (see module doc)."""
+                eval_images: int = 2000, every: int = 100, seed: int = 0,
+                nuisance: str = 'world') -> dict:
+  """Held-out top-1 of the vision tower trained on one attribute's labels (see module doc);
+  `nuisance` (NUISANCES) removes some of the world's nuisances from training and test."""
+  if nuisance not in NUISANCES:
+    raise ValueError(f'nuisance={nuisance!r}: expected one of {NUISANCES}')
+  overrides = CLEAN if 'clean' in nuisance else None
   classes = len(ATTRIBUTES[attribute])
   train_idx, train_attr = one_object(world, world.split_indices('train')[:60_000])
   eval_idx, eval_attr = one_object(world, world.split_indices('eval'))
+  if 'plain' in nuisance:
+    (train_idx, train_attr), (eval_idx, eval_attr) = (_only_plain(train_idx, train_attr),
+                                                      _only_plain(eval_idx, eval_attr))
   eval_idx, eval_labels = eval_idx[:eval_images], eval_attr[attribute][:eval_images]
-  eval_pixels = world.render_batch(eval_idx)
+  eval_pixels = world.render_batch(eval_idx, overrides)
   params = {'clip': clip.init_params(cfg, seed),
             'head': jnp.asarray(np.random.default_rng(seed).normal(
                 0, cfg.embed_dim ** -0.5, (cfg.embed_dim, classes)), jnp.float32)}
@@ -92,13 +115,15 @@ def label_probe(world, cfg, *, attribute: str, lr: float, steps: int, batch: int
   curve, losses, start = [], [], time.time()
   for i in range(1, steps + 1):
     pick = rng.integers(0, len(train_idx), batch)
-    params, opt_state, loss = step(params, opt_state, world.render_batch(train_idx[pick]),
+    params, opt_state, loss = step(params, opt_state,
+                                   world.render_batch(train_idx[pick], overrides),
                                    train_attr[attribute][pick])
     losses.append(float(loss))
     if i % every == 0 or i == steps:
       curve.append({'step': i, 'accuracy': accuracy(params),
                     'loss': float(np.mean(losses[-every:]))})
   return {'attribute': attribute, 'lr': lr, 'steps': steps, 'batch': batch,
+          'nuisance': nuisance, 'vision_stem': cfg.vision_stem,
           'chance': 1.0 / classes, 'eval_images': len(eval_idx), 'curve': curve,
           'seconds': round(time.time() - start, 1)}
 
@@ -187,16 +212,21 @@ def batch_negatives(world, batch: int = 128, batches: int = 50, seed: int = 0) -
           'with_negative_same_colour_other_shape': colour_other_shape / counted}
 
 
-def run(workdir: str = '', quick: bool = False, lrs=(1e-3, 3e-4), steps: int = 600) -> dict:
+def run(workdir: str = '', quick: bool = False, lrs=(1e-3, 3e-4), steps: int = 600,
+        stem: str = 'patch', nuisance_steps: int = 300) -> dict:
   config = default.get_config('smoke' if quick else None)
   world = world_lib.World(config.world)
-  cfg = models.clip_config(config.model)
+  cfg = dataclasses.replace(models.clip_config(config.model), vision_stem=stem)
   if quick:
-    steps, lrs = 4, lrs[:1]
+    steps, nuisance_steps, lrs = 4, 4, lrs[:1]
+  eval_images = 100 if quick else 2000
   out = {'label_probe': [label_probe(world, cfg, attribute=a, lr=lr, steps=steps,
-                                     every=max(1, steps // 6),
-                                     eval_images=100 if quick else 2000)
+                                     every=max(1, steps // 6), eval_images=eval_images)
                          for a in ATTRIBUTES for lr in lrs],
+         'nuisance_probe': [label_probe(world, cfg, attribute='shape', lr=lrs[0],
+                                        steps=nuisance_steps, every=max(1, nuisance_steps // 3),
+                                        eval_images=eval_images, nuisance=n)
+                            for n in NUISANCES],
          'batch_negatives': batch_negatives(world, batches=2 if quick else 50)}
   model = os.path.join(workdir, 'pretrain', 'model') if workdir else ''
   if model and os.path.exists(model):
@@ -210,6 +240,9 @@ def main():
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--steps', type=int, default=600)
   parser.add_argument('--lrs', default='1e-3,3e-4')
+  parser.add_argument('--nuisance_steps', type=int, default=300)
+  parser.add_argument('--stem', default='patch', choices=('patch', 'conv'),
+                      help='the vision stem of the probed tower (model.overrides.vision_stem)')
   parser.add_argument('--validation', action='store_true',
                       help="only `validation` of the workdir's PT model")
   parser.add_argument('--out', default='')
@@ -219,7 +252,7 @@ def main():
     result = validation(world, os.path.join(args.workdir, 'pretrain', 'model'))
   else:
     result = run(args.workdir, args.quick, tuple(float(x) for x in args.lrs.split(',')),
-                 args.steps)
+                 args.steps, args.stem, args.nuisance_steps)
   text = json.dumps(result, indent=1)
   print(text)
   if args.out:

@@ -169,6 +169,7 @@ class SourceCorpus(Corpus):
     self.source = pipeline.make_source(data)
     logging.info('corpus: %s (%s)', self.source, self.source.stats())
     self.ids = np.asarray(pipeline.source_ids(self.source), dtype=str)
+    _check_unique_ids(self.ids, data, getattr(self.source, 'origins', None))
     self.name = f'corpus:{len(self.ids)}'
     self._file_fingerprint = file_fingerprint
     self._reader = None
@@ -206,6 +207,25 @@ class SourceCorpus(Corpus):
 
   def stats(self) -> dict:
     return self.source.stats()
+
+
+def _check_unique_ids(ids: np.ndarray, data, origins: Optional[list] = None) -> None:
+  """Refuses a corpus whose record ids repeat (D_po records name images by id, so a repeat
+  would pair a caption with another record's image), naming the first repeated id, how many
+  records carry it, where they are written, and the file."""
+  unique, first_row, counts = np.unique(ids, return_index=True, return_counts=True)
+  if (counts == 1).all():
+    return
+  repeated = np.flatnonzero(counts > 1)
+  first = repeated[np.argmin(first_row[repeated])]   # the repeat met first in the file
+  rows = np.flatnonzero(ids == unique[first])
+  where = ', '.join(origins[r] for r in rows[:5]) if origins else f'rows {rows[:5].tolist()}'
+  others = f'; {len(repeated) - 1} more ids repeat too' if len(repeated) > 1 else ''
+  source = (f'config.data.tfds_name={data.tfds_name!r}' if data.source == 'tfds'
+            else f'config.data.path={data.path!r}')
+  raise ValueError(f'corpus {source}: id {str(unique[first])!r} names {counts[first]} records '
+                   f'({where}){others}; ids must be unique (D_po records name images by id): '
+                   'give each record its own id (an "id" field or column) or drop the repeats')
 
 
 class SubsetCorpus(Corpus):

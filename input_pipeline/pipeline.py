@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from grain.experimental import ThreadPrefetchIterDataset
 
 from input_pipeline import images as images_lib
@@ -127,6 +128,14 @@ def pipeline_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size,
               read_threads=config.read_threads, read_buffer_size=config.read_buffer_size,
               prefetch_buffer_size=config.prefetch_buffer_size)
+
+
+def _absl_flags_usable() -> None:
+  """grain reads its options from absl flags when it starts worker processes; a library
+  caller that never ran absl's app.run (a plain script, a notebook) would get
+  UnparsedFlagAccessError there, so the flags' defaults are taken as parsed."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class _DropInvalid(grain.transforms.Filter):
@@ -229,6 +238,7 @@ def make_pipeline(
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:
+    _absl_flags_usable()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
   ds = ds.filter(_DropInvalid(source)).map(_strip_flags)
@@ -275,6 +285,7 @@ def make_batched_source_pipeline(
     ds = ds.map(_Tokenize(tokenize))
   it_ds = ds.to_iter_dataset()
   if worker_count > 0:
+    _absl_flags_usable()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   if prefetch_buffer_size > 0:
     it_ds = ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch_buffer_size)

@@ -199,6 +199,11 @@ class _PathCaptionSource(ReadFailureLog):
     """The records' captions in record order, from the index (no image is decoded)."""
     return [entry.caption for entry in self._entries]
 
+  @property
+  def origins(self) -> list[str]:
+    """Where each record is written ("file:line", or the image path), in record order."""
+    return [entry.origin for entry in self._entries]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
     record = {"image": None, "caption": entry.caption, "id": entry.id,
@@ -259,7 +264,9 @@ class CsvSource(_PathCaptionSource):
 
   Required columns `image_key` and `caption_key` (default "image", "caption"); an `id_key`
   column is optional (default id: the image path). Paths are relative to `root` (default:
-  the file's folder). Origins are "file:line" (the line where the row ends).
+  the file's folder). Origins are "file:line", the physical line where the row starts (a
+  quoted field may span lines). Parsing is strict: a quote that is never closed (which would
+  swallow every later row into one field) or text after a closing quote is a malformed row.
   """
 
   def __init__(self, path: str | os.PathLike, *, root: str | os.PathLike | None = None,
@@ -269,20 +276,24 @@ class CsvSource(_PathCaptionSource):
     root = os.path.realpath(root if root is not None else os.path.dirname(os.path.abspath(path)))
     entries, skipped = [], []
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-      reader = csv.DictReader(f)
+      lines = _RowLines(f)
+      reader = csv.DictReader(lines, strict=True)
       columns = reader.fieldnames or []
       if image_key not in columns or caption_key not in columns:
         raise ValueError(f"{path}: the CSV header must name columns {image_key!r} and "
                          f"{caption_key!r}; it has {columns}")
       while True:
+        lines.start_row()
         try:
           row = next(reader)
         except StopIteration:
           break
         except csv.Error as e:
-          skipped.append(SkippedRecord(f"{path}:{reader.line_num}", "malformed_csv", str(e)))
+          first = lines.row_start or lines.number
+          where = f" (the row runs to line {lines.number})" if lines.number > first else ""
+          skipped.append(SkippedRecord(f"{path}:{first}", "malformed_csv", f"{e}{where}"))
           continue
-        origin = f"{path}:{reader.line_num}"
+        origin = f"{path}:{lines.row_start}"
         try:
           if row.get(image_key) is None or row.get(caption_key) is None:
             raise _Skip("missing_field", f"row lacks {image_key!r} or {caption_key!r}")
@@ -293,6 +304,32 @@ class CsvSource(_PathCaptionSource):
         except _Skip as s:
           skipped.append(SkippedRecord(origin, s.kind, s.detail))
     super().__init__(path, entries, skipped, image_size=image_size, max_pixels=max_pixels)
+
+
+class _RowLines:
+  """A CSV file's lines, numbered, noting the line where the current row starts: csv's
+  line_num is the line where a row ends (or where a parse error was found), which for a row
+  spanning lines is not the line a reader of the file should be sent to."""
+
+  def __init__(self, f):
+    self._f = f
+    self.number = 0
+    self.row_start: int | None = None
+
+  def start_row(self) -> None:
+    self.row_start = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> str:
+    line = next(self._f)
+    self.number += 1
+    # csv yields no row for a blank line (DictReader skips it): a row starts at a line
+    # with text.
+    if self.row_start is None and line.strip("\r\n"):
+      self.row_start = self.number
+    return line
 
 
 class FolderSource(_PathCaptionSource):

@@ -96,13 +96,16 @@ def test_align_raises_heldout_reward_accuracy(aligned):
   _, ((acc1, _, _), history), _ = aligned
   print('held-out reward accuracy after 30 align steps:', acc1)
   print('training-group reward accuracy at the last log:', history[-1]['rewards/accuracies'])
-  assert acc1 > 0.65      # 0.5 = no preference learned; measured 0.70 (beta 0.5, lr 1e-3)
+  # 0.5 = no preference learned (at step 1, policy = reference, the batch gave 0.42). Measured
+  # (beta 0.5, lr 1e-3): 0.696 on the 48 held-out groups, 0.787 on step 30's 16 groups.
+  assert acc1 > 0.65
   assert history[-1]['rewards/accuracies'] > 0.65   # and on the training groups
 
 
 def test_regulariser_bounds_contrastive_drift_and_lambda_zero_drifts_more(aligned):
   (_, loss0, _), ((_, loss1, _), _), ((_, loss_nolam, _), _) = aligned
   print(f'held-out InfoNCE: pretrained {loss0:.4f}, lambda=1 {loss1:.4f}, lambda=0 {loss_nolam:.4f}')
+  # Measured rises: 0.035 with lambda=1 (2.085 -> 2.120), 0.752 with lambda=0.
   assert loss1 - loss0 < CONTRASTIVE_RISE_BOUND
   assert loss_nolam - loss0 > loss1 - loss0 + 0.02
 

@@ -2,10 +2,12 @@
 sharded restore, standalone parameter export."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,46 @@ def test_save_respects_interval_unless_forced_and_keeps_newest_n(tmp_path):
     assert not ckpt.save(4, state, force=True)    # nor an older one
     assert ckpt.all_steps() == [9, 10]
   assert sorted(os.listdir(tmp_path)) == ['10', '9']
+
+
+def _committed(directory):
+  """Steps on disk for good: orbax writes into '<step>.orbax-checkpoint-tmp...' first."""
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def test_a_save_starts_only_once_the_previous_one_is_committed_and_says_so(
+    tmp_path, monkeypatch, caplog):
+  # What was on disk when each orbax save began: the previous step must be, so a kill in
+  # the middle of a save never loses more than one interval.
+  import orbax.checkpoint as ocp
+  on_disk_at_start, orbax_save = {}, ocp.CheckpointManager.save
+  def save(self, step, *args, **kw):
+    on_disk_at_start[step] = _committed(tmp_path)
+    return orbax_save(self, step, *args, **kw)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  state = {'w': jnp.ones((1024, 1024))}   # 4 MB: still being written when save() returns
+  with caplog.at_level(logging.INFO):
+    with _ckpt(tmp_path, save_interval_steps=10, max_to_keep=None) as ckpt:
+      for step in (10, 20, 30):
+        assert ckpt.save(step, state)
+      assert on_disk_at_start == {10: [], 20: [10], 30: [10, 20]}
+      for step in (10, 20):
+        assert f'checkpoint: step {step} committed in {tmp_path}' in caplog.text
+  assert 'checkpoint: step 30 committed' in caplog.text   # by close()
+  assert _committed(tmp_path) == [10, 20, 30]
+
+
+def test_poll_logs_a_commit_once_the_step_is_on_disk_without_waiting(tmp_path, caplog):
+  with caplog.at_level(logging.INFO), _ckpt(tmp_path) as ckpt:
+    ckpt.poll()   # nothing saved yet: nothing to say
+    assert ckpt.save(5, {'w': jnp.ones((512, 512))})
+    deadline = time.monotonic() + 60
+    while 'step 5 committed' not in caplog.text and time.monotonic() < deadline:
+      ckpt.poll()
+      time.sleep(0.01)
+    assert 'checkpoint: step 5 committed' in caplog.text
+    assert _committed(tmp_path) == [5]   # said only once it is there
+  assert caplog.text.count('step 5 committed') == 1   # close() does not say it again
 
 
 def test_new_checkpointer_resumes_from_latest_step_of_earlier_run(tmp_path):

@@ -90,3 +90,19 @@ def test_a_crashed_stage_resumes_in_its_own_folder(tmp_path):
   cache.cached_stage('s', str(tmp_path), {'a': 1},
                       lambda d: seen.append(os.path.exists(os.path.join(d, 'partial'))) or {})
   assert seen == [True]
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.pretrain.stepz=5', '--config.pretrain.stepz=5: config.pretrain.stepz is not a '
+                                  'config key (did you mean config.pretrain.steps?)'),
+    ('--config.pretrainz.steps=5', 'config.pretrainz is not a config key (did you mean '
+                                   'config.pretrain?)'),
+    ('--config.pretrain.steps.x=3', 'config.pretrain.steps.x is not a config key'),
+    ('--noconfig.model.nope', 'config.model.nope is not a config key'),
+    ('--config.pretrain.steps=5', None)])
+def test_an_override_naming_no_config_key_is_named_with_the_nearest_key(override, message):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for config in ([f'--config={root}/configs/default.py:smoke'],
+                 ['--config', f'{root}/configs/default.py:smoke']):
+    found = config_checks.unknown_override(['main.py', *config, '--workdir=w', override])
+    assert found == message or message in found, found

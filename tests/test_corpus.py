@@ -112,6 +112,41 @@ def test_file_corpus_pairs_stream_skips_the_undecodable_image(jsonl_corpus):
   assert ids == {'p0', 'p1', 'p2'}
 
 
+@pytest.fixture
+def csv_with_a_repeat(tmp_path):
+  """A CSV without an id column listing one image twice: its id (the path) repeats."""
+  for name in ('a.png', 'b.png'):
+    Image.new('RGB', (8, 8), (9, 9, 9)).save(tmp_path / name)
+  (tmp_path / 'dup.csv').write_text('image,caption\na.png,one\nb.png,two\n\na.png,one again\n')
+  data = pipeline.default_config()
+  data.update(source='csv', path=str(tmp_path / 'dup.csv'), image_size=8)
+  return data
+
+
+def test_corpus_whose_ids_repeat_is_refused_when_opened_naming_id_count_and_lines(
+    csv_with_a_repeat):
+  path = csv_with_a_repeat.path
+  with pytest.raises(ValueError) as refused:
+    corpus_lib.open_corpus(csv_with_a_repeat)
+  message = str(refused.value)
+  assert f"config.data.path={path!r}: id 'a.png' names 2 records ({path}:2, {path}:5)" in message
+  assert 'ids must be unique' in message
+
+
+def test_stage_runner_refuses_a_corpus_whose_ids_repeat_before_any_stage(
+    csv_with_a_repeat, monkeypatch, tmp_path):
+  calls = []
+  for name, module in stages.STAGES.items():
+    monkeypatch.setattr(module, 'run', lambda ctx, inputs, name=name: calls.append(name))
+  config = default.get_config('smoke')
+  config.data = csv_with_a_repeat
+  with pytest.raises(ValueError, match="id 'a.png' names 2 records"):
+    stages.start(config, str(tmp_path), mesh=object())
+  with pytest.raises(ValueError, match="id 'a.png' names 2 records"):
+    stages.run('all', config, str(tmp_path), mesh=object())
+  assert calls == []
+
+
 def test_subset_corpus_maps_rows_to_the_base_corpus_and_its_truth():
   data, world_config = _world_data()
   base = corpus_lib.open_corpus(data, world=world_config)

@@ -64,6 +64,44 @@ def test_mined_records_follow_the_grid_order_and_pair_counts():
     assert losses.pair_mask(3, 4, rule).sum() == count
 
 
+def _stride_grid(q, r, corpus, aesthetic, k, stride, u, v):
+  """Corpus rows of a group, computed plainly: the top k rows for the rephrased query r,
+  ordered by similarity to q, stride-picked, each row of v sorted by aesthetic, best first."""
+  candidates = np.argsort(-(corpus @ r))[:k]
+  picks = candidates[np.argsort(-(corpus[candidates] @ q))][:stride * u * v:stride]
+  return [int(x) for row in picks.reshape(u, v) for x in row[np.argsort(-aesthetic[row])]]
+
+
+def test_groups_are_ordered_by_the_original_query_while_the_rephrasing_only_retrieves():
+  """PAPER.md step 3: q' decides which K images are retrieved; their semantic order (the
+  rows) comes from the ORIGINAL q. Here each q' leans away from its q (a shared 'aesthetic'
+  direction added), so ordering by q' would pick other images for the grid."""
+  corpus = _toy_corpus(400, d=8, seed=4)
+  ids = np.array([f'img{i}' for i in range(400)])
+  original = _toy_corpus(4, d=8, seed=5)
+  style = _toy_corpus(1, d=8, seed=6)[0]
+  rephrased = original + 1.5 * style
+  rephrased /= np.linalg.norm(rephrased, axis=1, keepdims=True)
+  queries = [f'q{i}' for i in range(4)]
+  rephrased_texts = [q + ' beautiful' for q in queries]
+  table = {**dict(zip(queries, original)), **dict(zip(rephrased_texts, rephrased))}
+  text_embed = lambda texts: np.stack([table[t] for t in texts])
+  aesthetic = np.random.default_rng(7).uniform(size=400)
+  c, u, v = _config(top_k=40, stride=2), 3, 4
+  result = mining.mine(queries, rephrased_texts, text_embed=text_embed, corpus=corpus, ids=ids,
+                       aesthetic_fn=lambda rows: aesthetic[rows], c=c, u=u, v=v)
+  assert result.summary['records'] == 4
+  for q, r, g in zip(original, rephrased, result.groups):
+    rows = [int(i[3:]) for i in g.image_ids]
+    want = _stride_grid(q, r, corpus, aesthetic, c.top_k, c.stride, u, v)
+    # The case tells the two orders apart: ordering by q' gives another grid.
+    assert want != _stride_grid(r, r, corpus, aesthetic, c.top_k, c.stride, u, v)
+    assert rows == want, (f'{g.query}: the grid is not the stride pick of the candidates '
+                          'ordered by the original query')
+    np.testing.assert_allclose(g.semantic_scores, corpus[rows] @ q, rtol=1e-5)
+    np.testing.assert_allclose(g.ref_scores, corpus[rows] @ q, rtol=1e-5)
+
+
 def test_queries_with_too_few_results_are_skipped_and_counted():
   corpus = _toy_corpus(30)
   ids = np.arange(30).astype(str)
@@ -97,9 +135,12 @@ def test_world_mining_summary_reports_the_first_finding_and_pair_quality(pretrai
   for key in ('top10_gt_aesthetic_original', 'top10_gt_aesthetic_rephrased',
               'mined_on_topic_fraction', 'pairs_preferred_truly_more_aesthetic'):
     assert 0.0 <= summary[key] <= 1.0, key
-  # The pretrained model retrieves on-topic images far above their base rate, and the
-  # aesthetic re-ranking makes most preference pairs truly more aesthetic.
+  # The pretrained model retrieves on-topic images far above their base rate (measured: base
+  # rate 0.012, row 0 on topic 0.088, top-10 relevance 0.095)...
   assert summary['mined_row0_on_topic_fraction'] > 3 * base_rate
   assert summary['top10_relevance_original'] > 3 * base_rate
-  assert summary['pairs_preferred_truly_more_aesthetic'] > 0.55
+  # ...and the aesthetic re-ranking makes most preference pairs truly more aesthetic. Measured
+  # (standard error over the 60 groups about 0.014): 0.628 with this scorer; 0.529 with random
+  # scores, 0.440 with this scorer reversed, 0.836 with the ground truth itself.
+  assert summary['pairs_preferred_truly_more_aesthetic'] > 0.58
   assert summary['records'] + len(summary['skipped']) == 60

@@ -215,3 +215,34 @@ def test_make_source_builds_the_configured_source(tmp_path):
   config.source = "parquet"
   with pytest.raises(ValueError, match="config.source='parquet'"):
     pipeline.make_source(config)
+
+
+_PLAIN_SCRIPT = """
+import numpy as np
+from input_pipeline import pipeline
+
+RECORDS = [{'image': np.full((2, 2, 3), i, np.uint8), 'caption': f'c{i}', 'id': f'r{i}'}
+           for i in range(8)]
+
+if __name__ == '__main__':
+  it = iter(pipeline.make_pipeline(RECORDS, batch_size=4, seed=0, worker_count=1,
+                                   read_threads=1, shard_index=0, shard_count=1))
+  print('batch', sorted(next(it)['id'].tolist()))
+  it.close()
+"""
+
+
+def test_worker_processes_start_from_a_script_that_never_parsed_absl_flags(tmp_path):
+  # A library call outside main.py: nothing has run absl's app.run in that process.
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / "plain.py"
+  script.write_text(_PLAIN_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=env, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "UnparsedFlagAccessError" not in out.stderr
+  assert out.stdout.count("'r") == 4, out.stdout

@@ -214,6 +214,40 @@ def test_dpo_records_name_real_corpus_ids_for_every_query_of_the_file(run, files
     assert set(groups[i].image_ids) <= good_ids, groups[i].image_ids
 
 
+def test_mined_rows_are_ordered_by_the_original_query_not_its_rephrasing(run):
+  """The lexicon rephrasing changes every query here; the rephrased query retrieves the top K,
+  and the PT model's similarity to the ORIGINAL query orders them (PAPER.md, step 3). Each
+  group's rows must be the stride picks of that order (a row as a set: columns are sorted by
+  the aesthetic head), and its semantic and reference scores the original query's."""
+  config, workdir = run
+  c, u, v = config.mine, config.align.u, config.align.v
+  groups = preference.open_groups(_summary(workdir, 'mine')['dpo_path'])
+  groups = [groups[i] for i in range(len(groups))]
+  emb, ids = retrieval_index.load_index(str(workdir / 'mine' / 'index'), dtype=np.float32)
+  keep = ids.astype(str) != 'broken'   # left out of mining (unreadable)
+  emb, ids = emb[keep], ids[keep].astype(str)
+  position = {image_id: k for k, image_id in enumerate(ids)}
+  embedder = embed.Embedder(*context.load_model_folder(str(workdir / 'pretrain' / 'model')))
+  q_emb = embedder.texts([g.query for g in groups])
+  r_emb = embedder.texts([g.rephrased_query for g in groups])
+
+  def row_sets(order_by, retrieve_by):
+    top = np.argsort(-(emb @ retrieve_by))[:c.top_k]
+    picks = top[np.argsort(-(emb[top] @ order_by))][:c.stride * u * v:c.stride]
+    return [{str(i) for i in ids[row]} for row in picks.reshape(u, v)]
+
+  told_apart = 0
+  for g, q, r in zip(groups, q_emb, r_emb):
+    assert g.rephrased_query != g.query
+    want = row_sets(q, r)
+    told_apart += want != row_sets(r, r)
+    assert [set(g.image_ids[i * v:(i + 1) * v]) for i in range(u)] == want, g.query
+    expected = emb[[position[i] for i in g.image_ids]] @ q
+    np.testing.assert_allclose(g.semantic_scores, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g.ref_scores, expected, rtol=1e-4, atol=1e-5)
+  assert told_apart > 0   # some group's rows would differ if ordered by the rephrasing
+
+
 def test_aesthetic_scores_are_the_iap_head_on_its_own_clip(run, files):
   """The head reads the 24-wide embeddings of aesthetics.iap.clip_folder (at its 48 px), not
   the 32-wide ones of the model being aligned."""

@@ -280,6 +280,26 @@ def test_failures_fall_back_to_the_original_query_are_counted_and_listed(caplog)
   assert "2 of 4 queries fell back" in caplog.text
 
 
+def test_tally_counts_fallbacks_cache_hits_and_backend_calls_over_every_call(tmp_path):
+  with RephraseCache(tmp_path / "c.jsonl") as cache:
+    rephraser = Rephraser(FakeBackend(fail={"b"}), "detail", cache=cache)
+    first = rephraser.rephrase_batch(["a", "b", "", "a"])
+    assert first.summary()["rate"] == 0.5
+    with rephraser.counting() as block:
+      rephraser.rephrase_batch(["a", "b", "c"])   # a from the cache; b fails again
+  assert block.to_json() == dict(backend="fake", model="m1", style="detail", queries=3, ok=2,
+                                 fallbacks=1, rate=1 / 3, from_cache=1, backend_calls=2,
+                                 first_fallback=dict(query="b", reason="boom"))
+  total = rephraser.tally.to_json()
+  assert (total["queries"], total["ok"], total["fallbacks"], total["from_cache"],
+          total["backend_calls"]) == (7, 4, 3, 1, 4)
+  assert total["rate"] == 3 / 7 and total["first_fallback"] == dict(query="b", reason="boom")
+  json.dumps(total)
+  with rephraser.counting() as empty:
+    pass
+  assert empty.to_json()["rate"] is None and "first_fallback" not in empty.to_json()
+
+
 def test_a_backend_that_raises_falls_back_for_its_batch_and_never_raises():
   result = Rephraser(FakeBackend(crash=True), "detail").rephrase_batch(["a", "b"])
   assert result.texts == ["a", "b"] and result.num_fallbacks == 2
@@ -353,8 +373,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 def _tiny_lm_folder(folder, chat_template=None):
   """A 1-layer Llama with random weights and a 300-token BPE trained here, saved to folder."""
-  import torch
-  import transformers
+  torch = pytest.importorskip("torch")   # the hf backend's tests skip without torch
+  transformers = pytest.importorskip("transformers")
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())

@@ -215,3 +215,17 @@ def test_openai_unreachable_endpoint_falls_back(server):
   config = _config(server, base_url="http://127.0.0.1:9/v1", max_retries=1)
   result = rephrase.make_rephraser(config).rephrase_batch(["ok a cat"])
   assert result.texts == ["ok a cat"] and "connection failed" in result.reasons[0]
+
+
+def test_openai_endpoint_down_is_counted_in_the_rephrasers_tally(server, tmp_path):
+  rephraser = rephrase.make_rephraser(_config(server, max_retries=0),
+                                      cache_path=str(tmp_path / "c.jsonl"))
+  queries = [f"down query {i}" for i in range(5)]
+  rephraser.rephrase_batch(queries)
+  rephraser.rephrase_batch(queries[:2] + ["ok a cat"])
+  tally = rephraser.tally.to_json()
+  assert (tally["queries"], tally["fallbacks"], tally["ok"]) == (8, 7, 1)
+  assert tally["backend_calls"] == sum(server.calls.values()) == 8   # fallbacks are retried
+  assert tally["rate"] == 7 / 8 and tally["from_cache"] == 0
+  assert tally["first_fallback"]["query"] == "down query 0"
+  assert "HTTP 500" in tally["first_fallback"]["reason"] and KEY not in json.dumps(tally)

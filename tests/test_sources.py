@@ -215,6 +215,36 @@ def test_csv_source_reads_header_columns_and_skips_bad_rows(corpus, caplog):
   assert not src[2]["valid"]
 
 
+def test_csv_rows_are_named_by_the_physical_line_where_they_start(corpus, caplog):
+  """Quoted fields over several lines, a blank line, text after a closing quote and a quote
+  never closed: every skipped or failing row is named by the line it starts on."""
+  path = corpus / "lines.csv"
+  rows = ["image,caption,id",                              # line 1
+          'good/red.png,"a caption over',                  # 2-3: one row
+          'two lines",r1',
+          'bad/truncated.jpg,"truncated over',             # 4-5: fails at read time
+          'two lines",t1',
+          "",                                              # 6: blank
+          'good/missing.png,"missing over',                # 7-8: no such file
+          'two lines",m1',
+          'good/red.png,"closed"then text,x1',             # 9: malformed
+          "good/gray.png,gray,g1",                         # 10
+          'good/gray.png,"never closed,u1',                # 11-12: runs to the end
+          "good/red.png,swallowed,s1"]
+  path.write_text("\n".join(rows) + "\n")
+  with caplog.at_level(logging.WARNING, logger="input_pipeline.sources"):
+    src = sources.CsvSource(path, image_size=S)
+  assert src.ids == ["r1", "t1", "g1"]
+  assert src[0]["caption"] == "a caption over\ntwo lines"
+  assert {s.origin: s.kind for s in src.skipped} == {
+      f"{path}:7": "missing_file", f"{path}:9": "malformed_csv",
+      f"{path}:11": "malformed_csv"}
+  unterminated = next(s for s in src.skipped if s.origin == f"{path}:11")
+  assert "line 12" in unterminated.detail, unterminated
+  assert f"{path}:11: malformed_csv" in caplog.text
+  assert src[1]["error"].startswith(f"{path}:4: undecodable_image")
+
+
 def test_csv_without_required_columns_is_refused_naming_the_file(tmp_path):
   path = tmp_path / "wrong.csv"
   path.write_text("file,text\na.png,hello\n")

@@ -43,3 +43,18 @@ def test_batch_negatives_counts_what_a_pairwise_check_of_the_batch_finds():
   assert out['with_negative_differing_only_in_shape'] == np.mean(only)
   assert out['with_negative_same_colour_other_shape'] == np.mean(colour)
   assert 0 < np.mean(only) < np.mean(colour)
+
+
+def test_nuisance_probe_trains_and_tests_on_plain_backgrounds_only():
+  from aesalign_jax.models import clip
+  import pytest
+  world = _world()
+  cfg = clip.preset('tiny', vision_layers=1, text_layers=1)
+  out = ws.label_probe(world, cfg, attribute='shape', lr=1e-3, steps=2, eval_images=500,
+                       nuisance='clean_plain')
+  eval_idx, attr = ws.one_object(world, world.split_indices('eval'))
+  plain = int(np.sum(attr['pattern'] == 0))
+  assert 0 < out['eval_images'] == plain < len(eval_idx)
+  assert out['nuisance'] == 'clean_plain'
+  with pytest.raises(ValueError, match='nuisance'):
+    ws.label_probe(world, cfg, attribute='shape', lr=1e-3, steps=1, nuisance='dirty')

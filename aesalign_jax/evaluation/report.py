@@ -12,6 +12,9 @@ ground-truth aesthetic scorer and relevance, an HPIR benchmark drawn from its si
 (config.hpir_world), the ground-truth judge, and the paper's claims on the ground truth
 (without it, the claims are checked on the IAP score, else the low-level one).
 Written to workdir/eval/report.json (every number and the config), report.md and PNG figures.
+Rephrasings that fell back and judge calls that failed (an LLM endpoint down) are counted per
+stage and the numbers resting on them marked (fallbacks.py: report['fallbacks'],
+report['degraded'], report.md's 'LLM calls and fallbacks').
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import numpy as np
 from absl import logging
 
 from aesalign_jax import embed, rephrase
-from aesalign_jax.evaluation import common, figures, hpir_eval, hpir_world, topk_quality
+from aesalign_jax.evaluation import common, fallbacks, figures, hpir_eval, hpir_world
+from aesalign_jax.evaluation import topk_quality
 from aesalign_jax.evaluation import judge as judge_lib
 
 SYSTEMS = ('PT', 'PT+rephrase', 'aligned')
@@ -72,12 +76,21 @@ def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
   hpir_path = (None if simulator is None else
                hpir_world.generate_hpir(simulator, os.path.join(out_dir, 'hpir'),
                                         config.hpir_world))
-  metrics = {}
+  metrics, rephrased = {}, {}
   for system in systems:
     logging.info('evaluating %s', system.name)
-    metrics[system.name] = common.run_evaluators(evaluators, system)
+    metrics[system.name] = {}
+    # One section at a time, to know which sections' numbers rest on rephrasing fallbacks.
+    for name, ev in evaluators.items():
+      with rephraser.counting() as tally:
+        metrics[system.name].update(common.run_evaluators({name: ev}, system))
+      if tally.queries:
+        rephrased[name] = tally.to_json()
     if hpir_path is not None:
-      metrics[system.name].update(hpir_eval.hpir_scores(system, str(hpir_path)))
+      with rephraser.counting() as tally:
+        metrics[system.name].update(hpir_eval.hpir_scores(system, str(hpir_path)))
+      if tally.queries:
+        rephrased['hpir'] = tally.to_json()
   rephraser.close()
   topk_name = next((name for name, ev in evaluators.items()
                     if isinstance(ev, topk_quality.TopKQualityEvaluator)), None)
@@ -91,6 +104,15 @@ def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
             'config': json.loads(config.to_json_best_effort())}
   report['findings'] = findings(report, k=config.evals[topk_name].k if topk_name else 0,
                                 claims=claims)
+  report['fallbacks'] = fallbacks.summarize(report['stages'], rephraser.tally.to_json(),
+                                            rephrased, judged)
+  report['degraded'] = fallbacks.degraded(report['fallbacks'], metrics, judged,
+                                          report['findings'], topk_name, report['stages'])
+  for f in report['findings']:
+    if f['finding'] in report['degraded']['findings']:
+      f['rests_on_fallbacks'] = report['degraded']['findings'][f['finding']]
+  if report['degraded']['any']:
+    logging.warning('the report rests partly on fallbacks: %s', report['degraded']['stages'])
   if data.summary:
     report['corpus'] = dict(data.summary)
   # The trade-off plot's recall: the first retrieval set's R@10 (e.g. retrieval_coco).
@@ -115,8 +137,13 @@ def _judge_all(judges, topk) -> dict:
           judge, topk['aligned'].queries,
           judge_lib.groups_from_rows(topk['aligned'].rows, images_fn),
           judge_lib.groups_from_rows(topk[other].rows, images_fn), aspects=judge.aspects)
-      judged.setdefault(judge_name, {})[f'aligned vs {other}'] = {
-          k: result[k] for k in ('rates', 'num_queries', 'num_judged', 'failures', 'failed_calls')}
+      entry = {k: result[k]
+               for k in ('rates', 'num_queries', 'num_judged', 'failures', 'failed_calls')}
+      failed = next((p for p in result['per_query'] if p['outcome'] is None), None)
+      if failed is not None:   # an example for the report's fallbacks section
+        entry['first_failure'] = dict(query=failed['query'],
+                                      reason=next((r for r in failed['reasons'] if r), ''))
+      judged.setdefault(judge_name, {})[f'aligned vs {other}'] = entry
   return judged
 
 
@@ -152,11 +179,17 @@ CLAIMS = (
     ('aligned HPIR aesthetic score above PT', 'aligned', 'PT', 'hpir/aesthetic', 'above', 0.0),
     ('aligned text-to-image R@1 within 2 points of PT', 'aligned', 'PT', 'retrieval/t2i_r1',
      'within', 0.02),
+    ('aligned precision@{k} kept (at most 2 points below PT)', 'aligned', 'PT',
+     'topk_quality/precision', 'not below', 0.02),
     ('rephrasing raises top-{k} ground-truth aesthetic (PT+rephrase above PT)', 'PT+rephrase',
      'PT', 'topk_quality/aesthetic/ground_truth', 'above', 0.0),
     ('aligned plain-query top-{k} aesthetic matches PT+rephrase (at least as high)', 'aligned',
      'PT+rephrase', 'topk_quality/aesthetic/ground_truth', 'at least', 0.0),
 )
+
+
+# Accuracy kept by the judges' verdict: aligned vs PT, lose minus win at most this.
+JUDGED_ACCURACY = ('aligned vs PT', 0.05)
 
 
 def corpus_claims(metrics: dict, topk_name: str = 'topk_quality') -> tuple:
@@ -188,9 +221,21 @@ def findings(report: dict, k: int, claims=CLAIMS) -> list[dict]:
     if key not in metrics.get(a, {}) or key not in metrics.get(b, {}):
       continue
     va, vb = metrics[a][key], metrics[b][key]
-    holds = {'above': va > vb, 'at least': va >= vb, 'within': abs(va - vb) <= tol}[how]
+    holds = {'above': va > vb, 'at least': va >= vb, 'within': abs(va - vb) <= tol,
+             'not below': va >= vb - tol}[how]
     out.append({'finding': text.format(k=k), 'holds': bool(holds), 'metric': key,
                 'values': {a: va, b: vb}})
+  for name, comparisons in sorted(report.get('judge', {}).items()):
+    rates = (comparisons.get(JUDGED_ACCURACY[0], {}).get('rates') or {}).get('accuracy', {})
+    lose, win = rates.get('lose'), rates.get('win')
+    if lose is None or win is None:
+      continue   # a judge without accuracy verdicts (aesthetic only, or every call failed)
+    out.append({'finding': f'the {name} judge finds the aligned model not less accurate than '
+                           f'PT (accuracy lose - win at most {JUDGED_ACCURACY[1]})',
+                'holds': bool(lose - win <= JUDGED_ACCURACY[1]),
+                'metric': f'judge/{name}/{JUDGED_ACCURACY[0]}/accuracy',
+                'values': {'lose': lose, 'win': win}, 'judge': name,
+                'comparison': JUDGED_ACCURACY[0]})
   aes = report.get('stages', {}).get('aesthetic', {})
   if 'iap_spearman_vs_truth' in aes:
     iap_r, low_r = aes['iap_spearman_vs_truth'], aes['lowlevel_spearman_vs_truth']
@@ -209,39 +254,51 @@ def _fmt(v) -> str:
 
 
 def markdown(report: dict) -> str:
-  """Findings, the Table-1-like summary (one row per metric, one column per system), the
-  judges' win rates, the earlier stages' numbers, the figures and the config."""
-  lines = ['# aesalign report', '', '## Findings', '']
+  """The LLM calls and what fell back, findings, the Table-1-like summary (one row per
+  metric, one column per system), the judges' win rates, the earlier stages' numbers, the
+  figures and the config. Numbers resting on fallbacks carry fallbacks.MARKERS."""
+  marks = report.get('degraded') or {}
+  lines = ['# aesalign report', '']
+  section = fallbacks.markdown(report)
+  if section:
+    lines += section + ['']
+  lines += ['## Findings', '']
   for f in report.get('findings', []):
     (a, va), (b, vb) = list(f['values'].items())[:2]
     values = f'{a} {_fmt(va)}, {b} {_fmt(vb)}, difference {va - vb:+.4f}'
+    mark = fallbacks.marker(marks.get('findings', {}).get(f['finding']))
     lines.append(f"- **{'holds' if f['holds'] else 'does not hold'}**: {f['finding']} "
-                 f"({f['metric']}: {values})")
+                 f"({f['metric']}: {values}){mark}")
   metrics = report['metrics']
   names = sorted({k for m in metrics.values() for k in m})
   lines += ['', '## Metrics (held-out queries and images)', '',
             '| metric | ' + ' | '.join(SYSTEMS) + ' |', '|---|' + '---|' * len(SYSTEMS)]
+  marked = marks.get('metrics', {})
   for name in names:
-    cells = [_fmt(metrics[s][name]) if name in metrics.get(s, {}) else '' for s in SYSTEMS]
+    cells = [_fmt(metrics[s][name]) + fallbacks.marker(marked.get(s, {}).get(name))
+             if name in metrics.get(s, {}) else '' for s in SYSTEMS]
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   lines += ['', '## Judges (order-consistent: each query judged twice, order swapped)', '',
             '| judge | comparison | aspect | win | similar | lose | win+similar | judged |',
             '|---|---|---|---|---|---|---|---|']
   for judge_name, comparisons in report['judge'].items():
     for comparison, result in comparisons.items():
+      mark = fallbacks.marker(marks.get('judge', {}).get(judge_name, {}).get(comparison))
       for aspect, r in (result['rates'] or {}).items():
-        if r is None or r['win'] is None:
-          continue
-        lines.append(f"| {judge_name} | {comparison} | {aspect} | {r['win']:.3f} | "
-                     f"{r['similar']:.3f} | {r['lose']:.3f} | {r['win_plus_similar']:.3f} | "
-                     f"{result['num_judged']}/{result['num_queries']} |")
+        # A judge whose every call failed has no rates; its rows stay, to say so.
+        rates = [r and r[key] for key in ('win', 'similar', 'lose', 'win_plus_similar')]
+        cells = ' | '.join('n/a' if v is None else f'{v:.3f}' for v in rates)
+        lines.append(f"| {judge_name} | {comparison} | {aspect} | {cells} | "
+                     f"{result['num_judged']}/{result['num_queries']}{mark} |")
   if report.get('corpus'):
     lines += ['', '## Corpus (config.data)', ''] + [
         f'- {k}: {_fmt(v)}' for k, v in report['corpus'].items()
         if isinstance(v, (int, float, str))]
   for stage, summary in report.get('stages', {}).items():
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-    lines += ['', f'## Stage {stage}', ''] + [f'- {k}: {_fmt(v)}' for k, v in flat.items()]
+    marked = marks.get('stage_numbers', {}).get(stage, {})
+    lines += ['', f'## Stage {stage}', ''] + [
+        f'- {k}: {_fmt(v)}{fallbacks.marker(marked.get(k))}' for k, v in flat.items()]
   if report.get('figures'):
     lines += ['', '## Figures', ''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})'
                                         for p in report['figures']]

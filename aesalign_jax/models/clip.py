@@ -44,12 +44,18 @@ class ClipConfig:
   embed_dim: int = 512
   layer_norm_eps: float = 1e-5
   logit_scale_init: float = math.log(1 / 0.07)
+  # A learned logit bias (SigLIP's sigmoid loss needs one; CLIP has none): None = no bias.
+  logit_bias_init: Optional[float] = None
   eos_token_id: int = 49407
   dtype: str = 'float32'      # compute dtype; parameters always fp32
   remat: bool = False         # rematerialise each transformer block in the backward pass
   # 'einsum': plain XLA ops (compiles fastest on CPU); 'fused': jax.nn.dot_product_attention
   # (cuDNN flash attention on GPU); 'auto': fused on GPU, einsum elsewhere.
   attention: str = 'auto'
+  # 'patch': one stride-p convolution (CLIP's; the transformers layout). 'conv': a hybrid ViT
+  # whose tokens come from log2(p) 3x3 stride-2 convolutions (Xiao et al. 2021, "Early
+  # convolutions help transformers see better"), then the same linear map into the width.
+  vision_stem: str = 'patch'
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -63,6 +69,11 @@ class ClipConfig:
       act = getattr(self, f'{tower}_act')
       if act not in ACTIVATIONS:
         raise ValueError(f'model.{tower}_act={act!r}: expected one of {sorted(ACTIVATIONS)}')
+    if self.vision_stem not in ('patch', 'conv'):
+      raise ValueError(f'model.vision_stem={self.vision_stem!r}: expected patch or conv')
+    if self.vision_stem == 'conv' and self.patch_size & (self.patch_size - 1):
+      raise ValueError(f'model.vision_stem=conv needs a power-of-two model.patch_size, got '
+                       f'{self.patch_size}')
     if self.attention not in ('auto', 'einsum', 'fused'):
       raise ValueError(f'model.attention={self.attention!r}: expected auto, einsum or fused')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
@@ -71,6 +82,14 @@ class ClipConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def stem_channels(self) -> tuple[int, ...]:
+    """Output channels of the conv stem's stride-2 layers (empty for the patch stem)."""
+    if self.vision_stem == 'patch':
+      return ()
+    n = self.patch_size.bit_length() - 1
+    return tuple(max(self.vision_width >> (n - 1 - i), 16) for i in range(n))
 
 
 # Published shapes (OpenAI CLIP). `tiny` is sized for the embedded world on 2 CPU cores.
@@ -220,12 +239,31 @@ class Transformer(nnx.Module):
     return x
 
 
+class ConvLayer(nnx.Module):
+  """3x3 stride-2 convolution, LayerNorm over channels, GELU: one step of the conv stem."""
+
+  def __init__(self, cin: int, cout: int, *, rngs, dtype):
+    self.kernel = _param(rngs, (3, 3, cin, cout), (9 * cin) ** -0.5, (None, None, None, None))
+    self.norm = LayerNorm(cout, 1e-5, dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                     (2, 2), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.nn.gelu(self.norm(y))
+
+
 class VisionTower(nnx.Module):
 
   def __init__(self, cfg: ClipConfig, *, rngs, dtype):
     w, p = cfg.vision_width, cfg.patch_size
     self.patch_size = p
-    self.patch_embed = _param(rngs, (p, p, 3, w), (3 * p * p) ** -0.5,
+    channels = (3,) + cfg.stem_channels
+    self.stem = nnx.List([ConvLayer(cin, cout, rngs=rngs, dtype=dtype)
+                          for cin, cout in zip(channels[:-1], channels[1:])])
+    k = 1 if cfg.stem_channels else p    # after the stem, each pixel is a patch
+    self.patch_embed = _param(rngs, (k, k, channels[-1], w), (channels[-1] * k * k) ** -0.5,
                               (None, None, None, 'embed'))
     self.class_embedding = _param(rngs, (w,), w ** -0.5, ('embed',))
     self.pos_embedding = _param(rngs, (cfg.num_patches + 1, w), 0.02, (None, 'embed'))
@@ -239,8 +277,10 @@ class VisionTower(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, images):
+    for layer in self.stem:
+      images = layer(images)
     b, h, w, c = images.shape
-    p = self.patch_size
+    p = self.patch_embed.shape[0]
     # A stride-p conv without bias is a matmul over flattened (row, col, channel) patches.
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
@@ -293,6 +333,8 @@ class CLIP(nnx.Module):
     self.text = TextTower(cfg, rngs=rngs, dtype=dtype)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32),
                                  logical_axes=())
+    self.logit_bias = (None if cfg.logit_bias_init is None else
+                       nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32), logical_axes=()))
 
   def encode_image(self, images):
     """images: float [B, H, W, 3], CLIP-normalised -> unit vectors [B, embed_dim]."""
@@ -315,6 +357,24 @@ def eos_positions(ids, eos_token_id: int):
     # transformers' legacy rule for old configs: the end token is the highest id in the row.
     return jnp.argmax(ids, axis=-1).astype(jnp.int32)
   return jnp.argmax((ids == eos_token_id).astype(jnp.int32), axis=-1).astype(jnp.int32)
+
+
+# SigLIP's initialisation (Zhai et al. 2023): logit scale 10 and bias -10, so that the many
+# negative pairs start with a small loss instead of swamping the few positives.
+SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT = math.log(10.0), -10.0
+
+
+def with_siglip_bias(cfg: ClipConfig, params: Optional[dict] = None):
+  """(cfg, params) with a learned logit bias for SigLIP: a model without one gets SigLIP's
+  initial bias and, unless `params` (a trained model) already fix the scale, its initial
+  scale. A model that has a bias is returned unchanged."""
+  if cfg.logit_bias_init is not None:
+    return cfg, params
+  if params is None:
+    return dataclasses.replace(cfg, logit_scale_init=SIGLIP_LOGIT_SCALE_INIT,
+                               logit_bias_init=SIGLIP_LOGIT_BIAS_INIT), None
+  cfg = dataclasses.replace(cfg, logit_bias_init=SIGLIP_LOGIT_BIAS_INIT)
+  return cfg, {**params, 'logit_bias': jnp.asarray(SIGLIP_LOGIT_BIAS_INIT, jnp.float32)}
 
 
 def create(cfg: ClipConfig, seed: int = 0) -> CLIP:

@@ -65,6 +65,17 @@ def param_map(cfg: ClipConfig) -> list[tuple[tuple, str, str]]:
       (('text', 'proj', 'kernel'), 'text_projection.weight', 'linear'),
       (('logit_scale',), 'logit_scale', 'copy'),
   ]
+  if cfg.logit_bias_init is not None:
+    # SigLIP's learned bias, under transformers' SiglipModel name. transformers.CLIPModel
+    # skips it as an unexpected key (with a warning): CLIP's logits have no bias, and a
+    # constant shift of every similarity changes no ranking.
+    pairs.append((('logit_bias',), 'logit_bias', 'copy'))
+  for i in range(len(cfg.stem_channels)):
+    # The hybrid's conv stem: keys of our own beside transformers' (see config_to_hf).
+    stem = f'{v}.embeddings.stem.{i}'
+    pairs += [(('vision', 'stem', i, 'kernel'), f'{stem}.weight', 'conv'),
+              (('vision', 'stem', i, 'norm', 'scale'), f'{stem}.norm.weight', 'copy'),
+              (('vision', 'stem', i, 'norm', 'bias'), f'{stem}.norm.bias', 'copy')]
   pairs += _tower_pairs('vision', cfg.vision_layers)
   pairs += _tower_pairs('text', cfg.text_layers)
   return pairs
@@ -129,12 +140,19 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ClipConfig:
       layer_norm_eps=eps_v,
       logit_scale_init=hf.get('logit_scale_init_value', math.log(1 / 0.07)),
       eos_token_id=get(tc, 'text_config', 'eos_token_id', 49407),
+      vision_stem=vc.get('vision_stem', 'patch'),
+      logit_bias_init=hf.get('logit_bias_init_value'),
   )
 
 
 def config_to_hf(cfg: ClipConfig) -> dict:
-  """A transformers CLIPConfig dict (what save_pretrained writes to config.json)."""
-  return {
+  """A transformers CLIPConfig dict (what save_pretrained writes to config.json).
+
+  A conv-stem (hybrid) model adds `vision_config.vision_stem = "conv"` and its stem tensors:
+  this project loads the folder, transformers.CLIPModel does not (it has no conv stem, and
+  refuses the 1x1 patch embedding's shape).
+  """
+  hf = {
       'architectures': ['CLIPModel'],
       'model_type': 'clip',
       'projection_dim': cfg.embed_dim,
@@ -159,6 +177,11 @@ def config_to_hf(cfg: ClipConfig) -> dict:
           'layer_norm_eps': cfg.layer_norm_eps, 'projection_dim': cfg.embed_dim,
       },
   }
+  if cfg.logit_bias_init is not None:
+    hf['logit_bias_init_value'] = cfg.logit_bias_init
+  if cfg.vision_stem != 'patch':
+    hf['vision_config']['vision_stem'] = cfg.vision_stem
+  return hf
 
 
 # ---------------------------------------------------------------------------------- import

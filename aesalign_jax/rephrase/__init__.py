@@ -5,11 +5,13 @@
 - lexicon: the offline, deterministic backend (an aesthetic keyword dictionary; the default);
 - hf_backend: a local transformers causal LM; openai_backend: an OpenAI-compatible endpoint;
 - cache: JSON Lines on disk, so reruns are free and resumable;
-- core: the Rephraser (fallback policy) and its RephraseResult.
+- core: the Rephraser (fallback policy), its RephraseResult, and the RephraseTally of
+  fallbacks over many calls (what a stage's summary and the report quote).
 
 Usage:
   rephraser = make_rephraser(config.rephrase)
   result = rephraser.rephrase_batch(queries)   # result.texts, result.summary()
+  rephraser.tally.to_json()                    # {queries, fallbacks, rate, ...} so far
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import ml_collections
 
 from aesalign_jax.rephrase import prompts
 from aesalign_jax.rephrase.cache import RephraseCache
-from aesalign_jax.rephrase.core import Attempt, Backend, Rephraser, RephraseResult
+from aesalign_jax.rephrase.core import (Attempt, Backend, Rephraser, RephraseResult,
+                                        RephraseTally)
 from aesalign_jax.rephrase.lexicon import LexiconBackend, rephrase_query
 from aesalign_jax.rephrase.prompts import STYLES, parse_answer
 
 BACKENDS = ("lexicon", "hf", "openai")
 
 __all__ = ["Attempt", "BACKENDS", "Backend", "LexiconBackend", "RephraseCache",
-           "RephraseResult", "Rephraser", "STYLES", "default_config", "make_backend",
-           "make_rephraser", "parse_answer", "rephrase_query"]
+           "RephraseResult", "RephraseTally", "Rephraser", "STYLES", "default_config",
+           "make_backend", "make_rephraser", "parse_answer", "rephrase_query"]
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -4,11 +4,13 @@ A backend turns queries into clean query lines (`Attempt`s) and reports per quer
 not. `Rephraser.rephrase_batch` adds what every backend shares: 'original' needs no backend;
 duplicate queries are asked once; cached answers are reused and new successes cached; and a
 failed or empty rephrasing falls back to the original query, is counted and listed in the
-result's summary, and never raises.
+result's summary, and never raises. The rephraser keeps running totals (`tally`, and
+`counting()` for a block of calls) so that a stage can report how much fell back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -68,12 +70,55 @@ class RephraseResult:
     return [(q, r) for q, s, r in zip(self.queries, self.status, self.reasons) if s == FALLBACK]
 
   def summary(self) -> dict:
-    """A JSON-ready summary: counts, time, and every fallback with its reason."""
+    """A JSON-ready summary: counts, the fallback rate, time, and every fallback with its
+    reason."""
     return dict(backend=self.backend, model=self.model, style=self.style,
                 queries=len(self.queries), ok=self.num_ok, fallbacks=self.num_fallbacks,
+                rate=fallback_rate(self.num_fallbacks, len(self.queries)),
                 from_cache=sum(self.from_cache), backend_calls=self.backend_calls,
                 seconds=round(self.seconds, 3),
                 fallback_list=[dict(query=q, reason=r) for q, r in self.fallbacks])
+
+
+def fallback_rate(fallbacks: int, queries: int) -> float | None:
+  """fallbacks / queries, None when there were no queries."""
+  return fallbacks / queries if queries else None
+
+
+@dataclasses.dataclass
+class RephraseTally:
+  """Totals over several rephrase_batch calls: rephrasings asked for (`queries`, cached ones
+  included), answered `ok`, `fallbacks` to the original query, answered `from_cache`, and
+  distinct queries sent to the backend (`backend_calls`); the first fallback as an example."""
+  backend: str
+  model: str
+  style: str
+  queries: int = 0
+  ok: int = 0
+  fallbacks: int = 0
+  from_cache: int = 0
+  backend_calls: int = 0
+  first_fallback: dict | None = None   # {query, reason}
+
+  def add(self, result: RephraseResult) -> None:
+    self.queries += len(result.queries)
+    self.ok += result.num_ok
+    self.fallbacks += result.num_fallbacks
+    self.from_cache += sum(result.from_cache)
+    self.backend_calls += result.backend_calls
+    if self.first_fallback is None and result.num_fallbacks:
+      query, reason = result.fallbacks[0]
+      self.first_fallback = dict(query=query, reason=reason)
+
+  def to_json(self) -> dict:
+    """The counts and the fallback rate (the keys of RephraseResult.summary, no list)."""
+    out = dict(backend=self.backend, model=self.model, style=self.style, queries=self.queries,
+               ok=self.ok, fallbacks=self.fallbacks,
+               rate=fallback_rate(self.fallbacks, self.queries), from_cache=self.from_cache,
+               backend_calls=self.backend_calls)
+    if self.first_fallback is not None:
+      out["first_fallback"] = dict(self.first_fallback)
+    return out
 
 
 class Rephraser:
@@ -86,6 +131,22 @@ class Rephraser:
     self.style = prompts.check_style(style)
     self.cache = cache if getattr(backend, "cacheable", False) else None
     self.prompt_id = prompts.prompt_fingerprint(style, k)
+    self.tally = self._new_tally()   # every call since this rephraser was made
+    self._open_tallies: list[RephraseTally] = []
+
+  def _new_tally(self) -> RephraseTally:
+    return RephraseTally(self.backend.name, self.backend.model, self.style)
+
+  @contextlib.contextmanager
+  def counting(self):
+    """Yields a fresh RephraseTally of the rephrase_batch calls made inside the block (e.g.
+    one evaluator's), while `tally` keeps counting everything."""
+    tally = self._new_tally()
+    self._open_tallies.append(tally)
+    try:
+      yield tally
+    finally:
+      self._open_tallies.remove(tally)
 
   def close(self) -> None:
     """Closes the cache file, if any."""
@@ -137,6 +198,8 @@ class Rephraser:
 
     result = RephraseResult(self.backend.name, self.backend.model, self.style, queries, texts,
                             status, reasons, from_cache, len(todo), time.perf_counter() - start)
+    for tally in (self.tally, *self._open_tallies):
+      tally.add(result)
     if result.num_fallbacks:
       query, reason = result.fallbacks[0]
       logger.warning("rephrase (%s, %s): %d of %d queries fell back to the original query; "

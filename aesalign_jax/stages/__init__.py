@@ -6,7 +6,8 @@ Each stage is one module with `run(ctx, inputs) -> output` (a folder or file the
 read) and the stages it needs (`NEEDS`, or `needs(config)` where a config key decides: align
 needs no mining when config.align.dpo_path names D_po). `run(mode, config, workdir)` runs a
 stage after the ones it needs, each once per process; a finished stage with the same config is
-skipped (stages/cache.py), so a rerun resumes where the last one stopped.
+skipped (stages/cache.py), so a rerun resumes where the last one stopped. `start` opens the
+corpus first, so main.py refuses an unusable one with the other config errors.
 """
 
 from __future__ import annotations
@@ -37,11 +38,20 @@ def output(ctx: Context, name: str):
   return ctx.outputs[name]
 
 
+def start(config, workdir: str, mesh=None) -> Context:
+  """The run's context with its corpus opened, before any stage runs: a corpus the stages
+  cannot use (record ids that repeat) raises ValueError here, not after hours of training.
+  The corpus is opened once per process (corpus.open_corpus), so the stages reuse it."""
+  ctx = Context(config, workdir, mesh if mesh is not None else sharding.make_mesh(config.mesh))
+  _ = ctx.corpus
+  return ctx
+
+
 def run(mode: str, config, workdir: str, mesh=None) -> Context:
   """Runs stage `mode` (or every stage: 'all') and what it needs; returns the run's context."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: expected one of {", ".join(MODES)}')
-  ctx = Context(config, workdir, mesh if mesh is not None else sharding.make_mesh(config.mesh))
+  ctx = start(config, workdir, mesh)
   for name in (ORDER if mode == 'all' else (mode,)):
     output(ctx, name)
   return ctx

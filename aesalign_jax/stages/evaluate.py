@@ -37,7 +37,9 @@ def run(ctx, inputs: dict) -> str:
                                  cache.stage_summaries(ctx.workdir, REPORTED_STAGES),
                                  searcher=retrieval.make_searcher(config.retrieval, ctx.mesh))
     print(report_lib.markdown(report), flush=True)
-    return {'report': os.path.join(stage_dir, 'report.md')}
+    # What fell back, by stage (report.json's `fallbacks` has the counts).
+    return {'report': os.path.join(stage_dir, 'report.md'),
+            'degraded': report['degraded']['stages']}
 
   sections = {'pt': cache.fingerprint_file(pt_folder),
               'aligned': cache.fingerprint_file(aligned_folder),

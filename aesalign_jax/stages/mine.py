@@ -93,6 +93,11 @@ def print_summary(s: dict) -> None:
     lines.append(f"  mined images on topic: {s['mined_on_topic_fraction']:.3f} (row 0: "
                  f"{s['mined_row0_on_topic_fraction']:.3f}); pairs whose preferred image is "
                  f"truly more aesthetic: {s['pairs_preferred_truly_more_aesthetic']:.3f}")
+  if r['fallbacks']:   # e.g. an LLM endpoint down: D_po was mined with the plain queries
+    first = r['fallback_list'][0]
+    lines.append(f"  WARNING: {r['fallbacks']} of {r['queries']} rephrasings fell back to the "
+                 f"original query (rate {r['fallbacks'] / r['queries']:.3f}; the report "
+                 f"counts them); first: {first['query']!r} ({first['reason']})")
   for line in lines:
     logging.info('%s', line)
     print(line, flush=True)

@@ -30,6 +30,10 @@ def run(ctx, inputs: dict) -> str:
     if config.model.hf_folder:
       _, params = hf.load_hf_folder(config.model.hf_folder)
     else:
+      params = None
+    if config.pretrain.loss == 'siglip':
+      cfg, params = clip.with_siglip_bias(cfg, params)
+    if params is None:
       params = clip.init_params(cfg, config.seed)
     pairs = corpus.pairs_pipeline(tok, batch_size=config.pretrain.batch_size //
                                   jax.process_count(), seed=config.seed, data=config.data)

@@ -98,6 +98,7 @@ def fit(*, kind: str, c, model_cfg: clip.ClipConfig, init_params, iterators: dic
       step_lib.check_batch_shapes(pulled.batch, batch_shapes, done)
       state, step_metrics = train_step(state, pulled.batch)   # dispatched; runs on device
       stopping = preemption.should_stop(done)
+      ckpt.poll()   # logs a save's commit as soon as it is on disk
       if not stopping:   # the next batches travel while this step runs
         data_wait += prefetcher.fill(limit=_next_checkpoint(done, c))
       record = logger.log_step(done, step_metrics, examples=examples_per_step,

@@ -72,7 +72,10 @@ def contrastive_loss(cfg: clip.ClipConfig, params, pairs, *, kind: str, label_sm
   model = clip.bind(cfg, params)
   img, txt, scale = model(normalize_on_device(pairs['image']), pairs['ids'], pairs['eos_index'])
   if kind == 'siglip':
-    return losses.siglip_loss(img, txt, scale, params.get('logit_bias', -10.0))
+    if 'logit_bias' not in params:
+      raise ValueError('loss=siglip needs a model with a learned logit bias '
+                       '(clip.with_siglip_bias; config.model.overrides.logit_bias_init)')
+    return losses.siglip_loss(img, txt, scale, params['logit_bias'])
   return _infonce(img, txt, scale, label_smoothing, shard)
 
 
