@@ -158,3 +158,19 @@ def test_non_utf8_line_is_reported_not_crashing(tmp_path):
   loaded = hpir.load_hpir(path)
   assert len(loaded.items) == 1 and loaded.bad_lines[0].line_number == 2
   assert "UTF-8" in loaded.bad_lines[0].reason
+
+
+# --- mutation survivors (benchmarks/mutation.py): each test kills mutants the rest let live ---
+
+def test_model_choices_refuse_an_empty_or_non_finite_group_on_either_side():
+  for sims, reason in ((([], [0.5]), "empty"), (([0.5], []), "empty"),
+                       (([float("nan")], [0.5]), "non-finite"),
+                       (([0.5], [float("inf")]), "non-finite")):
+    with pytest.raises(ValueError, match=f"item 0: {reason}"):
+      hpir.model_choices([sims])
+
+
+def test_a_label_is_frozen_once_validated():
+  label = AspectLabel("A", 0.5)
+  with pytest.raises(AttributeError):   # dataclasses.FrozenInstanceError
+    label.confidence = 2.0

@@ -505,3 +505,54 @@ def test_openai_config_errors_name_the_key_and_unreachable_endpoints_fail_softly
   assert result["failures"] == 1
   assert "connection failed" in result["per_query"][0]["reasons"][0]
   assert isinstance(unreachable, OpenAIJudge)
+
+
+# --- mutation survivors (benchmarks/mutation.py): each test kills mutants the rest let live ---
+
+def test_a_similar_choice_prefers_no_system_in_either_call():
+  assert [judge_lib.preferred_system(S, call) for call in (1, 2)] == [0, 0]
+  assert [judge_lib.preferred_system(A, call) for call in (1, 2)] == [1, 2]
+
+
+def test_no_queries_give_an_empty_result_and_zero_concurrency_is_refused():
+  result = judge_systems(ScriptedJudge({}), [], [], [])
+  assert (result["num_queries"], result["num_judged"], result["failed_calls"]) == (0, 0, 0)
+  assert result["rates"]["accuracy"]["win"] is None
+  with pytest.raises(ValueError, match="max_concurrency must be >= 1"):
+    judge_systems(ScriptedJudge(SCRIPT), ["both prefer 1"], [[1]], [[2]], max_concurrency=0)
+
+
+def test_a_verdict_that_is_not_a_dict_is_a_failed_call():
+  script = {"q": ("A", _v(B, B))}
+  result = judge_systems(ScriptedJudge(script), ["q"], [[1]], [[2]])
+  assert result["per_query"][0]["outcome"] is None and result["failed_calls"] == 1
+  assert "malformed verdict: a str, not a dict" in result["per_query"][0]["reasons"][0]
+
+
+def test_judge_margins_default_to_the_config_defaults():
+  config = judge_lib.default_config()
+  expected = {"accuracy": config.accuracy_margin, "aesthetic": config.aesthetic_margin}
+  assert judge_lib.WorldJudge(ToyWorld()).margins == expected
+  assert judge_lib.ScorerJudge(lambda g: 0.0, None).margins == expected
+
+
+def test_scorer_judge_with_only_a_semantic_function_judges_accuracy_alone():
+  judge = judge_lib.ScorerJudge(None, lambda query, group: group.rows % 2)
+  assert judge.aspects == ("accuracy",)
+  assert judge.compare("odd", Group(rows=[1, 3]), Group(rows=[2, 4])) == {"accuracy": A}
+
+
+class TextOnlyWorld(ToyWorld):
+  """A world without a query list: the judge passes query texts through as they are."""
+
+  queries = ()
+
+  def is_relevant(self, query, ids):
+    assert isinstance(query, str)
+    return np.isin(ids, sorted(self.relevant[query]))
+
+
+def test_world_judge_passes_text_through_when_the_world_lists_no_queries():
+  judge = judge_lib.WorldJudge(TextOnlyWorld())
+  assert judge.compare("a red cat", Group(rows=[0, 1]), Group(rows=[4, 5])) == {
+      "accuracy": A, "aesthetic": B}

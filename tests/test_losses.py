@@ -430,3 +430,55 @@ def test_siglip_matches_numpy_reference(x64):
   y = np.eye(5)
   np.testing.assert_allclose(grad_bias, (1 / (1 + np.exp(-logits)) - y).sum(axis=1).mean(),
                              rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------ mutation survivors
+# Each test below kills mutants the rest of this file let live (benchmarks/mutation.py).
+
+def _row_ce(logits, eps):
+  """Smoothed cross-entropy of each row's diagonal entry, averaged over rows (numpy)."""
+  b = len(logits)
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  return -(((1 - eps) * np.eye(b) + eps / b) * logp).sum(axis=1).mean()
+
+
+def test_infonce_aux_names_each_direction(x64):
+  """i2t: each image's row over all texts; t2i: each text's row over all images. The batch
+  is picked so that the two top-1 accuracies differ (0.0 and 0.4)."""
+  rng = np.random.default_rng(1)
+  img, txt = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+  _, aux = clip_infonce(img, txt, 7.0, label_smoothing=0.2)
+  logits = 7.0 * _unit(img) @ _unit(txt).T
+  np.testing.assert_allclose(aux["i2t_loss"], _row_ce(logits, 0.2), rtol=1e-12)
+  np.testing.assert_allclose(aux["t2i_loss"], _row_ce(logits.T, 0.2), rtol=1e-12)
+  labels = np.arange(5)
+  assert float(aux["i2t_accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == labels))
+  assert float(aux["t2i_accuracy"]) == pytest.approx(np.mean(logits.argmax(0) == labels))
+  assert float(aux["i2t_accuracy"]) != float(aux["t2i_accuracy"])
+
+
+def test_siglip_accuracies_name_each_direction():
+  rng = np.random.default_rng(1)   # the batch of the InfoNCE test: accuracies 0.0 and 0.4
+  img, txt = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+  _, aux = siglip_loss(img, txt, 10.0, -3.0)
+  logits = _unit(img) @ _unit(txt).T
+  labels = np.arange(5)
+  assert float(aux["i2t_accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == labels))
+  assert float(aux["t2i_accuracy"]) == pytest.approx(np.mean(logits.argmax(0) == labels))
+  assert (float(aux["i2t_accuracy"]), float(aux["t2i_accuracy"])) == pytest.approx((0.0, 0.4))
+
+
+def test_pairwise_reference_matches_ranked_dpo_at_its_edges(x64):
+  """Defaults (sigmoid, no smoothing), a single pair, no pair, and ties (delta = 0, which is
+  not a correctly ordered pair): the reference agrees with ranked_dpo in loss and metrics."""
+  policy, ref = _groups(3, 2, 4)
+  one = np.zeros((4, 4), bool)
+  one[0, 3] = True
+  for p, mask in ((policy, one), (policy, np.zeros((4, 4), bool)), (ref, pair_mask(2, 2))):
+    loss, aux = ranked_dpo(p, ref, mask, beta=0.3, temperature_scale=5.0)
+    ref_loss, ref_aux = pairwise_dpo_reference(p, ref, mask, beta=0.3, temperature_scale=5.0)
+    np.testing.assert_allclose(ref_loss, loss, rtol=0, atol=1e-12)
+    for key in aux:
+      np.testing.assert_allclose(ref_aux[key], aux[key], rtol=0, atol=1e-12, err_msg=key)
+  assert float(pairwise_dpo_reference(ref, ref, pair_mask(2, 2), beta=0.3,
+                                      temperature_scale=5.0)[1]["rewards/accuracies"]) == 0.0

@@ -359,3 +359,67 @@ def test_pipeline_refuses_a_group_of_another_grid(tokenizer):
                                      shard_index=0, shard_count=1)
   with pytest.raises(ValueError, match=r"'a red square' has u=1, v=4.*first group has u=2, v=2"):
     next(iter(ds))
+
+
+# ------------------------------------------------------------------------------ mutation survivors
+# Each test below kills mutants the rest of this file let live (benchmarks/mutation.py).
+
+def test_a_group_is_frozen_its_scores_read_only_and_stride_defaults_to_one():
+  group = pref.PreferenceGroup(**_group())
+  with pytest.raises(ValueError, match="read-only"):
+    group.aesthetic_scores[0] = 1.0
+  with pytest.raises(AttributeError):   # dataclasses.FrozenInstanceError
+    group.query = "another query"
+  record = _group()
+  del record["stride"], record["meta"]
+  loaded = pref.PreferenceGroup.from_dict(record)
+  assert (loaded.stride, loaded.meta) == (1, {})
+  assert (group == "a red square") is False and group != "a red square"
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("abcd", "list of strings, got str"),         # a str is a Sequence, of characters
+    ({"a", "b", "c", "d"}, "list of strings, got set"),
+    (["a", "b", "c", "b"], "'b' occurs twice"),   # names the repeated id, not the first
+])
+def test_image_ids_must_be_a_list_of_distinct_strings(value, reason):
+  with pytest.raises(pref.PreferenceGroupError, match=f"field 'image_ids': .*{reason}"):
+    pref.PreferenceGroup(**_group(image_ids=value))
+
+
+def test_grid_order_allows_ties_and_rising_columns_but_not_rising_rows():
+  for changes in (dict(aesthetic_scores=[0.9, 0.9, 0.7, 0.1]),   # a tie within a row
+                  dict(aesthetic_scores=[0.5, 0.2, 0.9, 0.1]),   # a column may rise
+                  dict(semantic_scores=[0.9, 0.8, 0.3, 0.1]),    # semantics vary in a row
+                  dict(semantic_scores=[0.8, 0.5, 0.5, 0.1])):   # rows tie at the boundary
+    pref.PreferenceGroup(**_group(**changes))
+  with pytest.raises(pref.PreferenceGroupError, match="row 1 is not sorted best first"):
+    pref.PreferenceGroup(**_group(aesthetic_scores=[0.9, 0.8, 0.1, 0.7]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_closed_or_aborted_writer_refuses_more_writes(fmt, tmp_path):
+  path = tmp_path / f"dpo.{fmt}"
+  writer = pref.GroupWriter(path)
+  writer.write(_group())
+  assert writer.close() == str(path)
+  with pytest.raises(RuntimeError, match="is closed"):
+    writer.write(_group())
+  aborted = pref.GroupWriter(tmp_path / f"aborted.{fmt}")
+  aborted.abort()
+  aborted.abort()   # safe twice
+  with pytest.raises(RuntimeError, match="is closed"):
+    aborted.write(_group())
+  assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpo.{fmt}"]
+  source = pref.open_groups(path)
+  assert repr(source) == f"PreferenceGroupSource({str(path)!r}, 1 groups, u=2, v=2)"
+
+
+def test_the_skipped_records_warning_counts_them_of_all_records(tmp_path, caplog):
+  path = tmp_path / "dpo.parquet"
+  rows = [_group(), _group(ref_scores=[0.1, None, 0.0, 0.0]), _group(query="a blue star")]
+  pq.write_table(pa.Table.from_pylist([{**r, "meta": "{}"} for r in rows],
+                                      schema=pref.parquet_schema()), path)
+  with caplog.at_level(logging.WARNING):
+    assert len(pref.open_groups(path)) == 2
+  assert "skipped 1 of 3 records" in caplog.text

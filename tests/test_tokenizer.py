@@ -109,7 +109,7 @@ def test_truncation_keeps_end_token_at_last_position(clip_tok):
 def test_eos_index_is_where_transformers_clip_pools(clip_tok, legacy_eos_id):
   """A random transformers CLIPTextModel pools exactly at eos_index, for the current config
   (first occurrence of eos_token_id) and for legacy configs (eos_token_id 2: argmax id)."""
-  import torch
+  torch = pytest.importorskip("torch")
   tok = clip_tok
   eos_id = 2 if legacy_eos_id else tok.eos_token_id
   config = transformers.CLIPTextConfig(
