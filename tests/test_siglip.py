@@ -7,35 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from aesalign_jax import embed, sharding, tokenizer, train
+from aesalign_jax import embed
 from aesalign_jax.models import clip, hf
 from aesalign_jax.train import objectives
-from configs import default
-from input_pipeline import pipeline, world as world_lib
+from conftest import pretrain_on_world
 
 STEPS, BATCH, EVAL = 120, 64, 256
 
 
 @pytest.fixture(scope='module')
 def siglip_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp('siglip')
-  config = default.get_config('smoke')
-  world = world_lib.World(config.world, num_train=20000, num_eval=2000)
-  tok = tokenizer.train_bpe(world.captions(np.arange(5000)), vocab_size=400,
-                            folder=str(root / 'tok'), context_length=16)
-  cfg, _ = clip.with_siglip_bias(clip.preset('tiny', vision_layers=1, text_layers=1,
-                                             vocab_size=400, eos_token_id=tok.eos_token_id))
-  c = config.pretrain
-  c.loss, c.steps, c.batch_size, c.log_every, c.checkpoint_every = 'siglip', STEPS, BATCH, 20, 1000
-  c.optim.lr, c.optim.warmup_steps = 1e-3, 20
-  pairs = iter(pipeline.make_batched_source_pipeline(
-      world.split_range('train'), world.batch, batch_size=BATCH, seed=0, tokenize=tok))
-  init = clip.init_params(cfg)
-  result = train.fit(kind='pretrain', c=c, model_cfg=cfg, init_params=init,
-                     iterators={'pairs': pairs}, mesh=sharding.make_mesh(config.mesh),
-                     rules=config.rules, workdir=str(root / 'pretrain'))
-  return dict(root=root, world=world, tok=tok, cfg=cfg, init=init, result=result,
-              params=jax.device_get(result.params))
+  return pretrain_on_world(tmp_path_factory.mktemp('siglip'), layers=1, steps=STEPS,
+                           batch=BATCH, warmup=20, loss='siglip', log_every=20, siglip=True)
 
 
 def test_siglip_starts_from_the_papers_scale_and_bias():
@@ -124,3 +107,15 @@ def test_a_patch_stem_folder_has_no_stem_key(tmp_path):
 def test_conv_stem_needs_a_power_of_two_patch(patch):
   with pytest.raises(ValueError, match='power-of-two'):
     clip.preset('tiny', vision_stem='conv', patch_size=patch, image_size=48 if patch == 6 else 36)
+
+
+def test_flop_count_adds_the_conv_stem_layers():
+  from aesalign_jax import metrics
+  patch, conv = clip.preset('tiny'), clip.preset('tiny', vision_stem='conv')
+  # 32 -> 16 -> 8 -> 4 px, 3x3 kernels, then a 1x1 map into the width, in place of the 8x8
+  # patch embedding (16 patches x 192 inputs x 128).
+  stem = (16 * 16 * 9 * 3 * 32 + 8 * 8 * 9 * 32 * 64 + 4 * 4 * 9 * 64 * 128
+          + 16 * 128 * 128 - 16 * 192 * 128)
+  added = (metrics.clip_flops(conv, images=1, texts=0)
+           - metrics.clip_flops(patch, images=1, texts=0))
+  assert added == 2.0 * 3 * stem   # forward MACs x 2, backward counted as 2x forward
