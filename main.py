@@ -5,11 +5,15 @@
 --config is an ml_collections config file (get_config(arg); `file.py:arg` passes arg) whose
 fields can be overridden with flags such as --config.model.preset=vit_b16. The config is checked
 before anything compiles; --mode picks the stage(s) to run (all | pretrain | mine | align | eval |
-export). Multi-host platforms (Cloud TPU slices, SLURM or MPI launches) get
+export), or serve: the search page and API over a finished run (aesalign_jax/serve.py). Multi-host platforms (Cloud TPU slices, SLURM or MPI launches) get
 jax.distributed.initialize() first.
 """
 
-import logging as pylogging
+if __name__ == '__main__':   # first, before XLA loads: see aesalign_jax/cpu_malloc.py
+  from aesalign_jax import cpu_malloc
+  cpu_malloc.reexec_with_tunables()
+
+import logging as pylogging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
 import sys
 
@@ -38,12 +42,25 @@ def _launched_multiprocess() -> bool:
   return ',' in env.get('TPU_WORKER_HOSTNAMES', '')   # a multi-host Cloud TPU slice
 
 
-def maybe_initialize_distributed(setting: str) -> None:
+def maybe_initialize_distributed(c) -> None:
+  """jax.distributed.initialize as config.distributed (c) says: with its coordinator, process
+  count and id when given (checked first: a bad value exits 2 before anything starts), else
+  from the TPU/SLURM/MPI environment."""
   import jax
-  if setting not in ('auto', 'on', 'off'):
-    raise ValueError(f'config.distributed.initialize={setting!r}: expected auto, on or off')
-  if setting == 'on' or (setting == 'auto' and _launched_multiprocess()):
-    jax.distributed.initialize()   # reads the coordinator from the TPU/SLURM/MPI environment
+  from aesalign_jax import config_checks
+  try:
+    config_checks.check_distributed(c)
+  except ValueError as e:
+    _refuse(str(e))
+  if c.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', c.cpu_collectives)
+  explicit = bool(c.coordinator_address)
+  if c.initialize == 'on' or (c.initialize == 'auto' and (explicit or _launched_multiprocess())):
+    if explicit:
+      jax.distributed.initialize(coordinator_address=c.coordinator_address,
+                                 num_processes=c.num_processes, process_id=c.process_id)
+    else:
+      jax.distributed.initialize()   # reads the coordinator from the TPU/SLURM/MPI environment
 
 
 def _refuse(message: str) -> None:
@@ -81,7 +98,7 @@ def main(argv):
   for handler in pylogging.getLogger().handlers + pylogging.getLogger('absl').handlers:
     handler.addFilter(_QuietLibraries())
   config = FLAGS.config
-  maybe_initialize_distributed(config.distributed.initialize)
+  maybe_initialize_distributed(config.distributed)
 
   import jax
   from aesalign_jax import config_checks, sharding, stages
@@ -98,6 +115,10 @@ def main(argv):
                jax.devices()[0].device_kind)
   logging.info('%s', sharding.describe(mesh))
   logging.info('model: %s', model_cfg)
+  if FLAGS.mode == 'serve':   # no stage: it serves what the stages wrote, until stopped
+    from aesalign_jax import serve
+    serve.main(config, FLAGS.workdir, mesh)
+    return
   os.makedirs(FLAGS.workdir, exist_ok=True)
   stages.run(FLAGS.mode, config, FLAGS.workdir, mesh)   # (reusing the corpus opened above)
 

@@ -11,10 +11,41 @@ import re
 
 import jax
 
-from aesalign_jax import models, retrieval, sharding, train
+from aesalign_jax import models, retrieval, search, sharding, train
 from aesalign_jax.models import hf
 
 PLACEHOLDER = '/path/to/'   # how configs/real.py marks a path the user must set
+
+
+CPU_COLLECTIVES = ('', 'gloo', 'mpi')
+
+
+def check_distributed(c) -> None:
+  """Refuses a `distributed` section jax.distributed.initialize cannot use, naming the key."""
+  if c.initialize not in ('auto', 'on', 'off'):
+    raise ValueError(f'config.distributed.initialize={c.initialize!r}: expected auto, on or off')
+  if c.cpu_collectives not in CPU_COLLECTIVES:
+    raise ValueError(f'config.distributed.cpu_collectives={c.cpu_collectives!r}: expected one '
+                     f'of {CPU_COLLECTIVES}')
+  explicit = (bool(c.coordinator_address), c.num_processes != -1, c.process_id != -1)
+  if any(explicit) and not all(explicit):
+    raise ValueError('config.distributed.coordinator_address, num_processes and process_id '
+                     'are given together or not at all (got '
+                     f'{c.coordinator_address!r}, {c.num_processes}, {c.process_id})')
+  if not any(explicit):
+    return
+  host, _, port = c.coordinator_address.rpartition(':')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f'config.distributed.coordinator_address={c.coordinator_address!r}: '
+                     'expected host:port, e.g. 127.0.0.1:12345')
+  if c.num_processes < 1:
+    raise ValueError(f'config.distributed.num_processes={c.num_processes} must be >= 1')
+  if not 0 <= c.process_id < c.num_processes:
+    raise ValueError(f'config.distributed.process_id={c.process_id} must be in [0, '
+                     f'num_processes={c.num_processes})')
+  if c.initialize == 'off':
+    raise ValueError("config.distributed.initialize='off' with a coordinator_address: set "
+                     "initialize to 'auto' (or 'on') to launch several processes")
 
 
 def validate(config, num_devices: int | None = None, *, check_inputs: bool = True):
@@ -26,6 +57,8 @@ def validate(config, num_devices: int | None = None, *, check_inputs: bool = Tru
   """
   if check_inputs:
     check_input_paths(config)
+  if config.get('distributed') is not None:
+    check_distributed(config.distributed)
   if config.pretrain.steps < 0:
     raise ValueError(f'config.pretrain.steps={config.pretrain.steps} must be >= 0 (0: the '
                      'model.hf_folder checkpoint is the pretrained model as it is)')
@@ -36,6 +69,13 @@ def validate(config, num_devices: int | None = None, *, check_inputs: bool = Tru
   n = jax.device_count() if num_devices is None else num_devices
   mesh = sharding.mesh_shape(config.mesh, n)
   rules = sharding.check_rules(config.rules)
+  processes = jax.process_count()
+  for key in ('pretrain.batch_size', 'align.batch_size', 'align.groups_per_step'):
+    section, field = key.split('.')
+    value = config[section][field]
+    if processes > 1 and value % processes:
+      raise ValueError(f'config.{key}={value} is not a multiple of the {processes} processes '
+                       '(each reads an equal block of every batch)')
   tok = config.tokenizer
   if tok.context_length is not None and tok.context_length != cfg.context_length:
     raise ValueError(f'config.tokenizer.context_length={tok.context_length} differs from the '
@@ -66,6 +106,8 @@ def validate(config, num_devices: int | None = None, *, check_inputs: bool = Tru
     batches.insert(0, 'pretrain.batch_size')
   train.validate(config.align, 'align')
   retrieval.validate(config.retrieval)
+  if config.get('serve') is not None:
+    search.validate(config.serve)
   if check_inputs and config.aesthetics.kind == 'iap' and iap.weights and iap.get('clip_folder'):
     width = _checkpoint_embed_dim(iap.clip_folder)   # (check_input_paths: the folder exists)
     if width != iap.embed_dim:

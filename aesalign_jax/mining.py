@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aesalign_jax import losses, retrieval
+from aesalign_jax import losses, multihost, retrieval
 from input_pipeline import preference
 
 
@@ -106,6 +106,26 @@ class RowScores:
       self.known.update(zip(todo.tolist(), np.asarray(self.fn(todo), np.float64).tolist()))
     return np.asarray([self.known[int(r)] for r in rows], np.float64)
 
+  def score_shared(self, row_lists: Sequence[np.ndarray], start: int, stop: int) -> None:
+    """Scores, split over the processes, the rows that calling self on row_lists[0],
+    row_lists[1], ... in turn would score, in the same batches (the new rows of each list):
+    this process the batches of lists [start, stop), and every process learns every score.
+    A score can depend on its batch (a jitted model's numerics do), so the same batches give
+    every process count the bits of one process."""
+    if multihost.count() == 1:
+      return   # calling self in order scores exactly these batches
+    seen, batches = set(self.known), []
+    for rows in row_lists:
+      todo = [int(r) for r in np.unique(np.asarray(rows, np.int64)) if int(r) not in seen]
+      seen.update(todo)
+      batches.append(np.asarray(todo, np.int64))
+    mine = [b for b in batches[start:stop] if len(b)]
+    rows = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    scores = (np.concatenate([np.asarray(self.fn(b), np.float64) for b in mine]) if mine
+              else np.zeros(0, np.float64))
+    for r, s in zip(multihost.allgather_arrays(rows), multihost.allgather_arrays(scores)):
+      self.known.update(zip(r.tolist(), s.tolist()))
+
 
 def validate(c, u: int, v: int) -> None:
   if c.stride <= 0:
@@ -150,6 +170,12 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
     counted in the summary ('unscorable_images').
   searcher: the top-K search (retrieval.make_searcher(config.retrieval, mesh)); None = the
     device searcher of retrieval.default_config() on the default device.
+
+  Several processes: every process calls mine with every query (and its rephrasing); each
+  builds the groups of its block of queries (multihost.share: their aesthetic scoring and
+  reads of corpus rows), and the groups come back gathered, in query order, to every process:
+  the result does not depend on the number of processes. The searcher may split its searches
+  over the processes (make_searcher(..., across_processes=True)): every process searches.
   """
   validate(c, u, v)
   if searcher is None:
@@ -160,11 +186,14 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
   r_emb = text_embed(list(rephrased))
   k = min(c.top_k, len(corpus))
   _, cand = searcher.topk(r_emb, corpus, k)
+  candidates = [np.unique(rows[(rows >= 0) & (rows < len(corpus))])   # approximate top-K
+                for rows in cand]                                      # may repeat a row
+  first, last = multihost.share(len(queries))   # this process's queries
+  if isinstance(aesthetic_fn, RowScores):
+    aesthetic_fn.score_shared(candidates, first, last)
   groups, skipped, unscorable = [], [], set()
-  for qi, query in enumerate(queries):
-    rows = cand[qi]
-    rows = rows[(rows >= 0) & (rows < len(corpus))]
-    rows = np.unique(rows)   # approximate top-K may repeat a row
+  for qi in range(first, last):
+    query, rows = queries[qi], candidates[qi]
     aesthetic = np.asarray(aesthetic_fn(rows), np.float64)
     scored = np.isfinite(aesthetic)
     unscorable.update(rows[~scored].tolist())
@@ -185,6 +214,11 @@ def mine(queries: Sequence[str], rephrased: Sequence[str], *, text_embed: Callab
         semantic_scores=semantic[grid].astype(np.float64).tolist(),
         ref_scores=semantic[grid].astype(np.float64).tolist(), u=u, v=v, stride=c.stride,
         meta=meta))
+  if multihost.count() > 1:   # every process's groups, in query order
+    groups = [preference.as_group(g) for g in multihost.concat_shares(
+        [g.to_dict() for g in groups])]
+    skipped = multihost.concat_shares(skipped)
+    unscorable = set(multihost.concat_shares(sorted(unscorable)))
   if skipped:
     logging.warning('mining: %d queries skipped (too few results): %s', len(skipped),
                     '; '.join(s['query'] for s in skipped[:10]))

@@ -84,6 +84,18 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
+def local_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` itself when this process holds all its devices; else a mesh of this process's
+  devices, all on the data axis: for work each process does on its own share (corpus
+  embedding, top-K over its part of an index), where a global mesh would make every process
+  wait on the others' data."""
+  me = jax.process_index()
+  if all(d.process_index == me for d in mesh.devices.flat):
+    return mesh
+  local = [d for d in mesh.devices.flat if d.process_index == me]
+  return Mesh(np.asarray(local).reshape(len(local), 1, 1), MESH_AXES)
+
+
 def check_rules(rules: Iterable) -> dict:
   """The rules as {logical name: mesh axes}; refuses malformed rules and unknown mesh axes."""
   out = {}

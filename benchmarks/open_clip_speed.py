@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -235,9 +236,14 @@ class OpenClipStep:
   """open_clip's training step on a fixed batch (see the module docstring)."""
 
   def __init__(self, open_clip, model, pixels_nchw, ids, *, lr=5e-4, weight_decay=0.1,
-               grad_clip_norm=1.0):
+               grad_clip_norm=1.0, bf16_autocast=False):
     import torch  # pylint: disable=g-import-not-at-top
     self.torch, self.model = torch, model
+    # open_clip's `--precision amp_bf16` on CPU: forward and loss under bf16 autocast
+    # (matmuls in bf16 on oneDNN: AMX or AVX512-BF16 where the CPU has them), weights and
+    # optimizer in fp32.
+    self.autocast = ((lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if bf16_autocast
+                     else contextlib.nullcontext)
     self.images, self.texts = pixels_nchw, ids
     self.loss_fn = open_clip.ClipLoss()
     # open_clip's training/main.py: no weight decay on gains, biases and the logit scale.
@@ -254,14 +260,15 @@ class OpenClipStep:
 
   def loss(self) -> float:
     """The loss at the current weights, without a step."""
-    with self.torch.no_grad():
+    with self.torch.no_grad(), self.autocast():
       img, txt, scale = self.model(self.images, self.texts)[:3]
       return float(self.loss_fn(img, txt, scale))
 
   def __call__(self):
     self.optimizer.zero_grad(set_to_none=True)
-    img, txt, scale = self.model(self.images, self.texts)[:3]
-    loss = self.loss_fn(img, txt, scale)
+    with self.autocast():
+      img, txt, scale = self.model(self.images, self.texts)[:3]
+      loss = self.loss_fn(img, txt, scale)
     loss.backward()
     if self.grad_clip_norm:
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
@@ -273,10 +280,16 @@ class OpenClipStep:
 
 def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int = 1,
             max_seconds: float | None = None, matmul_n: int = 2048,
-            with_open_clip: bool = True, loss_rtol: float = 2e-4) -> dict:
+            with_open_clip: bool = True, loss_rtol: float = 2e-4, bf16: bool = False,
+            bf16_loss_rtol: float = 3e-2) -> dict:
   """Times our train step, open_clip's (unless unavailable or with_open_clip=False) and an
   fp32 matmul in alternation. Returns seconds, GFLOP/s, MFU, both first losses; the key
-  'open_clip_skipped' says why open_clip was not timed."""
+  'open_clip_skipped' says why open_clip was not timed.
+
+  bf16: also times, in the same rounds, our step with model.dtype=bfloat16 and open_clip's
+  under bf16 autocast (its best CPU setting), each from the same initial weights; their
+  first losses must agree within bf16_loss_rtol (bf16 rounds to 3 significant digits).
+  Keys 'bf16': {ours_s, open_clip_s, losses, ratios}."""
   c = train.default_config('pretrain')
   c.label_smoothing = 0.0     # ClipLoss has no label smoothing
   c.batch_size = batch
@@ -293,6 +306,11 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
       pixels = (pairs['image'].astype(np.float32) - train.IMAGE_MEAN) / train.IMAGE_STD
       theirs = OpenClipStep(open_clip, model, _t(pixels.transpose(0, 3, 1, 2)),
                             torch.from_numpy(pairs['ids'].astype(np.int64)))
+      if bf16:
+        model16 = create_model(open_clip, cfg)
+        load_ours(model16, cfg, params)
+        theirs16 = OpenClipStep(open_clip, model16, theirs.images, theirs.texts,
+                                bf16_autocast=True)
       row.update(open_clip_version=open_clip.__version__, torch_version=torch.__version__,
                  torchvision=getattr(import_open_clip, 'torchvision', None) or _version(
                      'torchvision'),
@@ -302,12 +320,19 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
       row['open_clip_skipped'] = str(e)
   else:
     row['open_clip_skipped'] = 'not asked for'
-  ours = steps.TrainStep(cfg, c, 'pretrain', {'pairs': pairs}, params=params)
+  own = lambda: jax.tree.map(jax.numpy.copy, params)   # each step donates its own copy
+  ours = steps.TrainStep(cfg, c, 'pretrain', {'pairs': pairs}, params=own())
   row['compile_s'] = ours.compile_s
   fns['ours'] = ours
+  if bf16:
+    fns['ours_bf16'] = ours16 = steps.TrainStep(dataclasses.replace(cfg, dtype='bfloat16'), c,
+                                                'pretrain', {'pairs': pairs}, params=own())
   if theirs is not None:
     row['loss_open_clip'] = theirs.loss()
     fns.update(torch_threads.variants('open_clip', theirs))
+    if bf16:
+      loss_open_clip_bf16 = theirs16.loss()   # before its first step, as loss_open_clip
+      fns.update(torch_threads.variants('open_clip_bf16', theirs16))
   peak = steps.Matmul(matmul_n)
   fns['matmul'] = peak
   if theirs is not None:
@@ -322,6 +347,11 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
       if diff > loss_rtol * max(1.0, abs(row['loss_ours'])):
         raise AssertionError(f"ours and open_clip compute different losses at the same "
                              f"weights: {row['loss_ours']:.6f} vs {row['loss_open_clip']:.6f}")
+      if bf16:
+        pair = (ours16.loss, loss_open_clip_bf16)
+        if abs(pair[0] - pair[1]) > bf16_loss_rtol * max(1.0, abs(pair[0])):
+          raise AssertionError(f'ours and open_clip in bf16 compute different losses at the '
+                               f'same weights: {pair[0]:.6f} vs {pair[1]:.6f}')
     times = timing.interleaved_times(fns, warmup=max(warmup - 1, 0), repeats=repeats,
                                      max_seconds=max_seconds)
   finally:
@@ -340,6 +370,17 @@ def compare(cfg: clip.ClipConfig, batch: int, *, repeats: int = 5, warmup: int =
   if theirs is not None:
     row.update(open_clip_over_ours=med['open_clip'] / med['ours'],
                open_clip_mfu=ours.flops / med['open_clip'] / 1e9 / peak_gflops)
+  if bf16:
+    b = {'ours_s': med['ours_bf16'], 'ours_f32_over_ours_bf16': med['ours'] / med['ours_bf16'],
+         'loss_ours': ours16.loss}
+    if theirs is not None:
+      fast = torch_threads.fastest('open_clip_bf16', times)
+      b.update(open_clip_s=fast['open_clip_bf16_s'], torch_threads=fast['torch_threads'],
+               open_clip_s_by_threads=fast['torch_s_by_threads'],
+               loss_open_clip=loss_open_clip_bf16,
+               open_clip_over_ours=fast['open_clip_bf16_s'] / med['ours_bf16'],
+               open_clip_f32_over_bf16=med['open_clip'] / fast['open_clip_bf16_s'])
+    row['bf16'] = b
   return row
 
 

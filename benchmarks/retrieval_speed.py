@@ -89,6 +89,28 @@ def topk_speed(n: int, dim: int, num_queries: int, k: int, repeats: int,
   return row
 
 
+def topk_crossover(sizes=(2_000, 10_000, 30_000, 100_000, 300_000), dim: int = 512,
+                   num_queries: int = 1000, k: int = 100, repeats: int = 3) -> list:
+  """Ours (corpus on device) vs faiss-cpu IndexFlatIP at each corpus size, each size timed
+  in alternation in this run: where faiss starts to win (the 'auto' backend's rule)."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  queries = _unit(rng.normal(size=(num_queries, dim)).astype(np.float32))
+  rows = []
+  for n in sizes:
+    corpus = _unit(rng.normal(size=(n, dim)).astype(np.float32))
+    on_device = jax.block_until_ready(jnp.asarray(corpus))
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(corpus)
+    kk = min(k, n)
+    t = interleaved_medians({'ours': lambda: search.topk(queries, on_device, kk),
+                             'faiss': lambda: flat.search(queries, kk)},
+                            warmup=1, repeats=repeats)
+    rows.append({'corpus': n, 'k': kk, 'ours_s': t['ours'], 'faiss_s': t['faiss'],
+                 'faiss_over_ours': t['faiss'] / t['ours']})
+  return rows
+
+
 def run(quick: bool = False) -> dict:
   repeats = 2 if quick else 5
   return {

@@ -15,11 +15,17 @@ version, backend, load average), the raw details, and a status: 'ok', 'skipped: 
 
 Rows (full run; --quick runs the same rows at tiny sizes, 1-layer models, for the tests;
 the settings of each row say its sizes):
-  dpo_listwise_vs_pairwise      ranked DPO pairs/s, listwise vs pairwise, u = v = 5 (>= 8x)
+  dpo_listwise_vs_pairwise      ranked DPO pairs/s, listwise vs pairwise, u = v = 5, the align
+                                stage's 8 groups per step (>= 14x; encode ratio 16x)
   dpo_listwise_vs_online_ref    the same vs pairwise with an online reference model
   train_step_mfu_tiny           tiny model's train step at batch 128: FLOP/s vs an fp32 matmul's
   train_step_mfu_vit_b32        ViT-B/32's train step at batch 8: FLOP/s vs an fp32 matmul's
   train_step_vs_open_clip       that ViT-B/32 step, ours vs open_clip (PyTorch), batch 8
+  train_step_bf16_vs_fp32       that step with model.dtype bfloat16 vs float32 (>= 2)
+  train_step_vs_open_clip_bf16  ours bf16 vs open_clip under bf16 autocast (>= 1)
+  malloc_tunables               tiny pretrain step, cpu_malloc's glibc settings vs system malloc
+  xla_cpu_bf16_dot              bf16 vs fp32 matmul through XLA:CPU, best XLA_FLAGS (>= 2)
+  train_step_bf16_host_matmul   ViT-B/32 step with Dense matmuls on torch's bf16 kernel
   corpus_embedding              embed_corpus end to end vs the jitted embedding alone
   topk_vs_faiss                 top-100 of 100k x 512 for 1,000 queries, ours vs faiss-cpu
   pairs_pipeline_vs_pretrain_step  world input pipeline batches/s vs pretrain steps/s (>= 2)
@@ -29,6 +35,10 @@ the settings of each row say its sizes):
 """
 
 from __future__ import annotations
+
+if __name__ == '__main__':   # measured as main.py runs: with aesalign_jax/cpu_malloc.py's settings
+  from aesalign_jax import cpu_malloc
+  cpu_malloc.reexec_with_tunables()
 
 import argparse
 import datetime
@@ -78,8 +88,14 @@ def not_run(name: str, compared: str, status: str, settings: Optional[dict] = No
 
 def bench_dpo(quick: bool) -> list:
   from benchmarks import dpo_speed  # pylint: disable=g-import-not-at-top
+  from aesalign_jax import train  # pylint: disable=g-import-not-at-top
   cfg = clip.preset('tiny', **(TINY_QUICK if quick else {}))
-  groups, repeats = (1, 1) if quick else (2, 5)
+  # The align stage's own step: its default groups per step (8: 200 images). The listwise
+  # step costs about 29 ms fixed (AdamW over 1.8M parameters, the guard, launch costs) plus
+  # 52 ms per group (fit over 1-16 groups in one run, loaded machine): 22% of a 2-group step,
+  # 6.5% of an 8-group one, so the ratio at 8 groups is the one the stage sees.
+  groups = 1 if quick else train.default_config('align').groups_per_step
+  repeats = 1 if quick else 5
   r = dpo_speed.compare(groups=groups, repeats=repeats, cfg=cfg,
                         max_seconds=None if quick else 45)
   settings = {'model': 'tiny', 'layers': [cfg.vision_layers, cfg.text_layers], 'u': r['u'],
@@ -91,7 +107,7 @@ def bench_dpo(quick: bool) -> list:
           measure('listwise', r['listwise_pairs_per_s'], 'pairs/s'),
           measure('pairwise', r['pairwise_pairs_per_s'], 'pairs/s'),
           r['listwise_over_pairwise'], 'listwise / pairwise pairs/s', settings=settings,
-          target_min=8.0, details=r),
+          target_min=14.0, details=r),
       row('dpo_listwise_vs_online_ref', compared + 'pairwise with an online reference model',
           measure('listwise', r['listwise_pairs_per_s'], 'pairs/s'),
           measure('pairwise + online ref', r['pairs_per_step'] / r['pairwise_online_ref_s'],
@@ -116,7 +132,7 @@ def bench_vit_b32(quick: bool) -> list:
   cfg = clip.preset('tiny', **TINY_QUICK) if quick else clip.preset('vit_b32')
   model, batch = ('tiny-1-layer' if quick else 'vit_b32'), 8
   kw = dict(repeats=2, matmul_n=512) if quick else dict(repeats=5, max_seconds=60)
-  r = open_clip_speed.compare(cfg, batch, **kw)
+  r = open_clip_speed.compare(cfg, batch, bf16=True, **kw)
   settings = {'model': model, 'batch': batch, 'dtype': 'float32', 'repeats':
               r['timings']['ours']['n']}
   rows = [_mfu_row('train_step_mfu_vit_b32', model, r, step_key='ours_s', settings=settings)]
@@ -132,6 +148,73 @@ def bench_vit_b32(quick: bool) -> list:
                     settings={**settings, 'open_clip': r['open_clip_version'],
                               'torch': r['torch_version'], 'torch_threads': r['torch_threads']},
                     details=r))
+  b = r['bf16']
+  bf16_settings = {**settings, 'dtype': 'bfloat16'}
+  rows.append(row('train_step_bf16_vs_fp32', f'our {model} train step, model.dtype bfloat16 vs '
+                  'float32 (XLA:CPU)', measure('bf16', b['ours_s'], 's/step'),
+                  measure('fp32', r['ours_s'], 's/step'), b['ours_f32_over_ours_bf16'],
+                  'fp32 s / bf16 s (> 1: bf16 faster)', settings=bf16_settings,
+                  target_min=2.0, details=b))
+  name = 'train_step_vs_open_clip_bf16'
+  compared = (f'{model} train step in bf16: ours (model.dtype bfloat16) vs open_clip under '
+              "torch.autocast('cpu', bfloat16), its best CPU setting")
+  if 'open_clip_skipped' in r:
+    rows.append(not_run(name, compared, f"skipped: {r['open_clip_skipped']}", bf16_settings))
+  else:
+    rows.append(row(name, compared, measure('ours bf16', b['ours_s'], 's/step'),
+                    measure('open_clip bf16', b['open_clip_s'], 's/step'),
+                    b['open_clip_over_ours'], 'open_clip s / ours s (> 1: ours faster)',
+                    settings={**bf16_settings, 'torch_threads': b['torch_threads']},
+                    target_min=1.0, details=b))
+  return rows
+
+
+def bench_malloc(quick: bool) -> list:
+  from benchmarks import malloc_speed  # pylint: disable=g-import-not-at-top
+  from aesalign_jax import cpu_malloc  # pylint: disable=g-import-not-at-top
+  name = 'malloc_tunables'
+  compared = ('tiny pretrain step (batch 128) in child processes, alternated: glibc malloc '
+              'settings of aesalign_jax/cpu_malloc.py (main.py applies them) vs the system '
+              'malloc')
+  if not cpu_malloc.applies():
+    return [not_run(name, compared, 'skipped: needs Linux with glibc')]
+  r = (malloc_speed.compare(batch=16, steps=3, rounds=1, overrides=TINY_QUICK) if quick
+       else malloc_speed.compare())
+  return [row(name, compared, measure('tuned', r['tuned']['step_s'], 's/step'),
+              measure('system malloc', r['system']['step_s'], 's/step'),
+              r['system_over_tuned'], 'system s / tuned s (> 1: the settings are faster)',
+              settings={'batch': r['batch'], 'steps': r['steps'], 'rounds': r['rounds'],
+                        'faults_per_step': [round(r['tuned']['minor_faults']),
+                                            round(r['system']['minor_faults'])]},
+              details=r)]
+
+
+def bench_cpu_bf16(quick: bool) -> list:
+  from benchmarks import cpu_bf16  # pylint: disable=g-import-not-at-top
+  r = cpu_bf16.run(quick)
+  probes = [p for p in r['xla_flags'] if 'error' not in p]
+  bf16_dots = [p['xla_flags'] for p in probes if 'bf16' in p['dot_types']]
+  best = max(probes, key=lambda p: p['bf16_gflops'] / p['f32_gflops'])
+  n = '256' if quick else '2048'
+  rows = [row('xla_cpu_bf16_dot', f'bf16 {n}^2 matmul vs fp32 through XLA:CPU, best of '
+              f'{len(r["xla_flags"])} XLA_FLAGS settings (oneDNN, XNNPACK, YNNPACK); settings '
+              f'that keep a bf16 dot after compiling: {bf16_dots or "none"}',
+              measure('bf16', best['bf16_gflops'], 'GFLOP/s'),
+              measure('fp32', best['f32_gflops'], 'GFLOP/s'),
+              best['bf16_gflops'] / best['f32_gflops'], 'bf16 / fp32 GFLOP/s',
+              settings={'cpu': r['cpu']['model'], 'amx_bf16': r['cpu'].get('amx_bf16'),
+                        'avx512_bf16': r['cpu'].get('avx512_bf16'),
+                        'best_flags': best['xla_flags'] or '(none)'}, target_min=2.0,
+              details=r)]
+  t = r['train_step']
+  rows.append(row('train_step_bf16_host_matmul', f"{t['preset']} train step with every Dense "
+                  'matmul handed to torch\'s bf16 kernel (jax.pure_callback with its own '
+                  'gradient) vs fp32 XLA', measure('bf16 host matmul',
+                                                   t['step_s']['bf16_host_matmul'], 's/step'),
+                  measure('fp32', t['step_s']['f32'], 's/step'),
+                  t['f32_over_bf16_host_matmul'], 'fp32 s / host-matmul s (> 1: faster)',
+                  settings={'model': t['preset'], 'batch': t['batch'],
+                            'overrides': t['overrides']}, details=t))
   return rows
 
 
@@ -245,17 +328,24 @@ BENCHMARKS: dict[str, tuple[Callable[[bool], list], tuple, str]] = {
     'input': (bench_input, ('train_step_mfu_tiny', 'pairs_pipeline_vs_pretrain_step',
                             'groups_pipeline_vs_align_step'),
               'input pipelines vs train steps; tiny train-step MFU'),
-    'vit_b32': (bench_vit_b32, ('train_step_mfu_vit_b32', 'train_step_vs_open_clip'),
-                'ViT-B/32 train step: MFU, ours vs open_clip'),
+    'vit_b32': (bench_vit_b32, ('train_step_mfu_vit_b32', 'train_step_vs_open_clip',
+                                'train_step_bf16_vs_fp32', 'train_step_vs_open_clip_bf16'),
+                'ViT-B/32 train step: MFU, ours vs open_clip, fp32 and bf16'),
     'retrieval': (bench_retrieval, ('corpus_embedding', 'topk_vs_faiss'),
                   'corpus embedding; top-K vs faiss-cpu'),
     'transformers': (bench_transformers, ('fwd_bwd_vs_transformers',),
                      'forward + backward, ours vs transformers'),
     'gpu': (bench_gpu, ('gpu_step',), 'GPU train-step MFU'),
+    'malloc': (bench_malloc, ('malloc_tunables',), 'glibc malloc settings vs system malloc'),
+    'cpu_bf16': (bench_cpu_bf16, ('xla_cpu_bf16_dot', 'train_step_bf16_host_matmul'),
+                 'bf16 on the CPU: XLA flags, a host matmul through torch'),
 }
 # Table order: the issue's list.
 ORDER = ('dpo_listwise_vs_pairwise', 'dpo_listwise_vs_online_ref', 'train_step_mfu_tiny',
-         'train_step_mfu_vit_b32', 'train_step_vs_open_clip', 'corpus_embedding', 'topk_vs_faiss',
+         'train_step_mfu_vit_b32', 'train_step_vs_open_clip', 'train_step_bf16_vs_fp32',
+         'train_step_vs_open_clip_bf16', 'malloc_tunables', 'xla_cpu_bf16_dot',
+         'train_step_bf16_host_matmul',
+         'corpus_embedding', 'topk_vs_faiss',
          'pairs_pipeline_vs_pretrain_step', 'groups_pipeline_vs_align_step',
          'fwd_bwd_vs_transformers', 'gpu')
 
@@ -265,6 +355,44 @@ def _order(r: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------- machine
+
+# A row is "quiet" when other processes used at most this share of the machine's CPU time
+# while it ran. The load average cannot say it: the benchmark's own threads count in it
+# (one row alone lifts a 2-core machine's 1-minute average to about 2), and it lags a minute.
+QUIET_OTHERS_SHARE = 0.10
+
+
+class OthersCpu:
+  """CPU time used by processes other than this one (and its children) since construction,
+  as a share of the machine's cores x wall time: from /proc/stat's busy jiffies minus this
+  process's own user + system time."""
+
+  def __init__(self):
+    self._start = self._read()
+
+  @staticmethod
+  def _read():
+    try:
+      with open('/proc/stat', encoding='ascii') as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+      return None
+    hz = os.sysconf('SC_CLK_TCK')
+    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / hz  # - idle, iowait
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+
+  def share(self) -> Optional[float]:
+    end = self._read()
+    if self._start is None or end is None:
+      return None
+    busy, ours, wall = (e - s for e, s in zip(end, self._start))
+    return max(0.0, busy - ours) / max(wall * (os.cpu_count() or 1), 1e-9)
+
+
+def _pct(share: Optional[float]) -> str:
+  return 'unknown' if share is None else f'{100 * share:.0f}%'
+
 
 
 def _version(module: str) -> Optional[str]:
@@ -304,6 +432,8 @@ def run(quick: bool = False, only: Optional[list] = None, log=print) -> dict:
   for name in names:
     fn, row_names, compared = BENCHMARKS[name]
     log(f'[run_all] {name} ...', flush=True)
+    load_before = os.getloadavg()[0]
+    others_cpu = OthersCpu()
     t0 = time.perf_counter()
     try:
       new = fn(quick)
@@ -313,18 +443,23 @@ def run(quick: bool = False, only: Optional[list] = None, log=print) -> dict:
       traceback.print_exc()
       new = [not_run(n, compared, f'error: {type(e).__name__}: {e}') for n in row_names]
     seconds = time.perf_counter() - t0
-    load = os.getloadavg()[0]
+    others = others_cpu.share()
+    load_after = os.getloadavg()[0]
     for r in new:
       r['seconds'] = seconds
       r['machine'] = {'cpu_count': machine['cpu_count'], 'jax': machine['jax'],
-                      'backend': machine['backend'], 'load_average_1m': load}
+                      'backend': machine['backend'], 'load_average_1m_before': load_before,
+                      'load_average_1m_after': load_after, 'others_cpu_share': others,
+                      'quiet': others is not None and others <= QUIET_OTHERS_SHARE}
       if r['status'] == 'ok' and not all(_finite(x) for x in
                                          (r['a']['value'], r['b']['value'], r['ratio'])):
         r['status'] = 'error: a measurement is not finite'
     rows.extend(new)
-    log(f'[run_all] {name}: {seconds:.0f} s', flush=True)
+    log(f'[run_all] {name}: {seconds:.0f} s; load average {load_before:.1f} -> '
+        f'{load_after:.1f}; other processes used {_pct(others)} of the CPUs', flush=True)
   rows.sort(key=_order)
   machine['load_average_1m_end'] = os.getloadavg()[0]
+  machine['quiet'] = all(r['machine']['quiet'] for r in rows)
   return {'quick': quick, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
           'total_seconds': time.perf_counter() - started, 'machine': machine, 'rows': rows}
 
@@ -345,13 +480,22 @@ def markdown(result: dict) -> str:
       f"{result['total_seconds'] / 60:.1f} min): {m['cpu_count']} CPU cores, jax {m['jax']} "
       f"({m['backend']}, {m['device']}), torch {m['torch']}, faiss {m['faiss']}; load average "
       f"{m['load_average_1m']:.1f} at the start, {m['load_average_1m_end']:.1f} at the end. "
-      'Each ratio is measured within this run, its two sides timed in alternation.', '',
-      '| benchmark | compared | A | B | ratio | target | settings |',
-      '| --- | --- | --- | --- | --- | --- | --- |']
+      'Each ratio is measured within this run, its two sides timed in alternation. '
+      + ('A quiet run: ' if m.get('quiet') else '**Not a quiet run**: ')
+      + f'a row is quiet when other processes used at most {QUIET_OTHERS_SHARE:.0%} of the '
+      'CPUs while it ran (column "others").', '',
+      '| benchmark | compared | A | B | ratio | target | load before -> after; others |'
+      ' settings |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in result['rows']:
     settings = ', '.join(f'{k} {v}' for k, v in r.get('settings', {}).items())
+    mach = r.get('machine', {})
+    load = (f"{mach.get('load_average_1m_before', float('nan')):.1f} -> "
+            f"{mach.get('load_average_1m_after', float('nan')):.1f}; "
+            f"{_pct(mach.get('others_cpu_share'))}" + ('' if mach.get('quiet') else ' (busy)'))
     if r['status'] != 'ok':
-      lines.append(f"| {r['name']} | {r['compared']} | | | {r['status']} | | {settings} |")
+      lines.append(f"| {r['name']} | {r['compared']} | | | {r['status']} | | {load} | "
+                   f"{settings} |")
       continue
     a, b = r['a'], r['b']
     target = r.get('target', '')
@@ -359,7 +503,7 @@ def markdown(result: dict) -> str:
       target += ' (met)' if r['meets_target'] else ' (**not met**)'
     lines.append(f"| {r['name']} | {r['compared']} | {a['label']}: {_fmt(a['value'])} "
                  f"{a['unit']} | {b['label']}: {_fmt(b['value'])} {b['unit']} | "
-                 f"**{_fmt(r['ratio'])}** ({r['ratio_is']}) | {target} | {settings} |")
+                 f"**{_fmt(r['ratio'])}** ({r['ratio_is']}) | {target} | {load} | {settings} |")
   return '\n'.join(lines) + '\n'
 
 

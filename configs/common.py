@@ -10,7 +10,8 @@ import dataclasses
 
 import ml_collections
 
-from aesalign_jax import aesthetics, mining, rephrase, retrieval, sharding, stages, tokenizer
+from aesalign_jax import aesthetics, mining, rephrase, retrieval, search, sharding, stages
+from aesalign_jax import tokenizer
 from aesalign_jax import train
 from aesalign_jax.aesthetics import world_iap
 from aesalign_jax.evaluation import common as evals_common
@@ -51,6 +52,15 @@ def distributed_config() -> ml_collections.ConfigDict:
   # auto: call jax.distributed.initialize when the launcher runs several processes (Cloud TPU
   # multi-host, SLURM, MPI, or JAX_COORDINATOR_ADDRESS set); on: always; off: never.
   c.initialize = 'auto'
+  # An explicit launch (e.g. several processes on one machine, each with its own process_id):
+  # host:port of process 0's coordinator, the number of processes and this one's id. Empty /
+  # -1: jax finds them in the launcher's environment (Cloud TPU, SLURM, MPI).
+  c.coordinator_address = ''
+  c.num_processes = -1
+  c.process_id = -1
+  # CPU collectives across processes: '' (jax's default: none, one process only) | 'gloo' |
+  # 'mpi'. A multi-process run on CPU needs one, else cross-process steps fail.
+  c.cpu_collectives = ''
   return c
 
 
@@ -72,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.judge = judge.default_config()
   c.pretrain = train.default_config('pretrain')
   c.align = train.default_config('align')
+  c.serve = search.default_config()   # --mode=serve and python -m aesalign_jax.search
   return c
 
 

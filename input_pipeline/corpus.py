@@ -26,6 +26,7 @@ from absl import logging
 
 from input_pipeline import pipeline, preference
 from input_pipeline import world as world_lib
+from input_pipeline import world_text
 
 
 class GroundTruth(Protocol):
@@ -47,7 +48,11 @@ class WorldTruth:
     return self.world.aesthetic(self.index[np.asarray(rows)])
 
   def relevant(self, query: str, rows) -> np.ndarray:
-    return np.asarray(self.world.is_relevant(self._queries[query], self.index[np.asarray(rows)]))
+    """KeyError for a query that is neither one of the world's nor names one object."""
+    known = self._queries.get(query) or world_text.parse_query(query)
+    if known is None:
+      raise KeyError(query)
+    return np.asarray(self.world.is_relevant(known, self.index[np.asarray(rows)]))
 
   @functools.cached_property
   def _queries(self) -> dict:

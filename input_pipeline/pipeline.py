@@ -10,6 +10,9 @@ The chain, in order:
                                  shards cover the source and differ in size by at most one)
   .shuffle(seed)                 a global shuffle of the shard, deterministic in the seed
   .repeat(num_epochs)            None = forever; each epoch is shuffled differently
+  (a never-ending stream on several processes instead shuffles the whole source and gives
+  each process its block of every global batch: the batches of a step are the same on any
+  number of processes, see _ProcessBlocks)
   .map(t) for t in transforms    element transforms (e.g. augmentation)
   .to_iter_dataset(ReadOptions)  `read_threads` threads read/decode records in order
   .mp_prefetch(...)              if worker_count > 0: that much runs in worker processes
@@ -171,6 +174,31 @@ class _Tokenize(grain.transforms.Map):
     return {**batch, TOKENS_KEY: np.asarray(tokens)}
 
 
+class _ProcessBlocks(grain.MapDataset):
+  """Process `index` of `count`'s records of a never-ending stream: record i is record
+  (i // block) * block * count + index * block + i % block of the parent, so batch j of every
+  process together (in process order) is the one-process run's batch j of block * count
+  records. Each process reads only its own records; the data of a training step does not
+  depend on the number of processes (a strided shard of the source would: each process would
+  shuffle its own shard)."""
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    self._block, self._index, self._count = block, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._block * self._count) * self._block
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    step, offset = divmod(i, self._block)
+    return self._parent[(step * self._count + self._index) * self._block + offset]
+
+  def __str__(self) -> str:
+    return f"ProcessBlocks(block={self._block}, index={self._index}, count={self._count})"
+
+
 def make_pipeline(
     source: Any,
     *,
@@ -228,11 +256,15 @@ def make_pipeline(
                      f"{shard_count} shards")
 
   ds = grain.MapDataset.source(source)
-  ds = ds[shard_index::shard_count]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  if num_epochs is None and shard_count > 1:   # a training stream: P-independent batches
+    ds = ds.shuffle(seed=seed) if shuffle else ds
+    ds = _ProcessBlocks(ds.repeat(None), batch_size, shard_index, shard_count)
+  else:
+    ds = ds[shard_index::shard_count]
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+      ds = ds.repeat(num_epochs)
   for transform in transforms:
     ds = ds.map(transform)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
@@ -276,10 +308,12 @@ def make_batched_source_pipeline(
   import jax  # pylint: disable=g-import-not-at-top
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  ds = grain.MapDataset.range(*index_range)[shard_index::shard_count]
+  ds = grain.MapDataset.range(*index_range)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+  # Batches of the global stream (every process's share after the other), this process's
+  # block of each: the data of a step does not depend on the number of processes.
+  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)[shard_index::shard_count]
   ds = ds.map(lambda idx: load_batch(np.asarray(idx)))
   if tokenize is not None:
     ds = ds.map(_Tokenize(tokenize))

@@ -178,8 +178,9 @@ class _PathCaptionSource(ReadFailureLog):
   """Shared machinery of the (image path, caption) sources; see the module docstring."""
 
   def __init__(self, name: str, entries: list[_Entry], skipped: list[SkippedRecord], *,
-               image_size: int, max_pixels: int | None):
+               root: str, image_size: int, max_pixels: int | None):
     self.name = name
+    self.root = root   # real path; every entry's image is inside it
     self.image_size = image_size
     self.max_pixels = max_pixels
     self._entries = entries
@@ -203,6 +204,10 @@ class _PathCaptionSource(ReadFailureLog):
   def origins(self) -> list[str]:
     """Where each record is written ("file:line", or the image path), in record order."""
     return [entry.origin for entry in self._entries]
+
+  def image_file(self, index: int) -> str:
+    """The real path of record `index`'s image file (inside `root` when indexed)."""
+    return self._entries[index].path
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
@@ -256,7 +261,8 @@ class JsonlSource(_PathCaptionSource):
           entries.append(_Entry(real, caption, str(record_id), origin))
         except _Skip as s:
           skipped.append(SkippedRecord(origin, s.kind, s.detail))
-    super().__init__(path, entries, skipped, image_size=image_size, max_pixels=max_pixels)
+    super().__init__(path, entries, skipped, root=root, image_size=image_size,
+                     max_pixels=max_pixels)
 
 
 class CsvSource(_PathCaptionSource):
@@ -303,7 +309,8 @@ class CsvSource(_PathCaptionSource):
           entries.append(_Entry(real, caption, record_id, origin))
         except _Skip as s:
           skipped.append(SkippedRecord(origin, s.kind, s.detail))
-    super().__init__(path, entries, skipped, image_size=image_size, max_pixels=max_pixels)
+    super().__init__(path, entries, skipped, root=root, image_size=image_size,
+                     max_pixels=max_pixels)
 
 
 class _RowLines:
@@ -367,7 +374,8 @@ class FolderSource(_PathCaptionSource):
         entries.append(_Entry(real, _clean_caption(caption), rel, rel))
       except _Skip as s:
         skipped.append(SkippedRecord(rel, s.kind, s.detail))
-    super().__init__(root, entries, skipped, image_size=image_size, max_pixels=max_pixels)
+    super().__init__(root, entries, skipped, root=root, image_size=image_size,
+                     max_pixels=max_pixels)
 
 
 def _image_files(root: str) -> Iterable[str]:

@@ -169,6 +169,22 @@ def all_queries() -> list[Query]:
   return out
 
 
+def parse_query(text: str) -> Query | None:
+  """The Query a free-text search names, or None: exactly one colour and one shape word
+  (plural shapes too), at most one size word (SIZE_WORDS) and one pattern word; other words
+  (articles, aesthetic words a rephrasing adds) are ignored. Lets a typed query such as "big
+  red circles, sharp" be judged on or off topic like the world's own queries."""
+  words = re.findall(r"[a-z]+", text.lower())
+  colours = {w for w in words if w in ws.COLOURS}
+  shapes = {s for w in words for s in ws.SHAPES if w in (s, s + "s", s + "es")}
+  sizes = {size for size, names in SIZE_WORDS.items() for w in words if w in names}
+  patterns = {w for w in words if w in ws.PATTERNS}
+  if len(colours) != 1 or len(shapes) != 1 or len(sizes) > 1 or len(patterns) > 1:
+    return None   # no object named, or more than the one a Query asks for: unknown
+  return Query(text, colours.pop(), shapes.pop(), size=sizes.pop() if sizes else None,
+               pattern=patterns.pop() if patterns else None)
+
+
 def split_queries(seed: int, num_queries: int, num_eval: int) -> tuple[list[Query], list[Query]]:
   """(mining, evaluation) queries: disjoint, deterministic in seed, stratified by kind.
 

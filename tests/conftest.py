@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny CLIP pretrained on the embedded world, built once per session."""
+"""Shared fixtures, each built once per session: the smoke run of main.py, and a tiny CLIP
+pretrained on the embedded world."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -34,6 +39,28 @@ def pretrain_on_world(root, *, layers: int, steps: int, batch: int, warmup: int,
                      rules=config.rules, workdir=str(root / 'pretrain'))
   return {'root': root, 'world': world, 'tok': tok, 'cfg': cfg, 'init': init, 'result': result,
           'params': jax.device_get(result.params)}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, workdir, config='configs/default.py:smoke', timeout=300):
+  """main.py in a subprocess on the CPU (the smoke config unless `config` is given)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
+                         f'--workdir={workdir}', *args],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def smoke_workdir(tmp_path_factory):
+  """(workdir, its CompletedProcess): main.py --config=configs/default.py:smoke, every stage
+  (about a minute), run once per session. Read it as it is; a test that writes into a run
+  works on a copy (shutil.copytree keeps mtimes, so the copied stages stay done)."""
+  workdir = tmp_path_factory.mktemp('smoke')
+  first = run_main(workdir=workdir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  return workdir, first
 
 
 @pytest.fixture(scope='session')

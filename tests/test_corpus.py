@@ -165,7 +165,7 @@ def test_stages_are_declared_in_an_order_that_runs_what_each_needs_first():
   assert stages.needs('align', config) == ('pretrain', 'mine')
   config.align.dpo_path = '/data/dpo.parquet'   # D_po given: nothing to mine
   assert stages.needs('align', config) == ('pretrain',)
-  assert stages.MODES == ('all',) + stages.ORDER
+  assert stages.MODES == ('all',) + stages.ORDER + ('serve',)   # serve: no stage (serve.py)
 
 
 def test_stage_runner_runs_each_needed_stage_once_in_order(monkeypatch, tmp_path):
@@ -179,6 +179,8 @@ def test_stage_runner_runs_each_needed_stage_once_in_order(monkeypatch, tmp_path
                    ('export', ['align'])]
   with pytest.raises(ValueError, match="--mode='report'"):
     stages.run('report', default.get_config('smoke'), str(tmp_path), mesh=object())
+  with pytest.raises(ValueError, match="--mode='serve'"):   # main.py serves; no stage runs
+    stages.run('serve', default.get_config('smoke'), str(tmp_path), mesh=object())
 
 
 def test_real_config_has_no_world_sections():

@@ -77,14 +77,6 @@ def test_unknown_mode_is_refused_naming_it(tmp_path):
   assert 'report' in out.stderr and 'mode' in out.stderr
 
 
-@pytest.fixture(scope='module')
-def smoke_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('smoke')
-  first = _main(workdir=workdir)
-  assert first.returncode == 0, first.stderr[-3000:]
-  return workdir, first
-
-
 def test_all_mode_runs_every_stage_then_skips_them_on_rerun(smoke_workdir):
   workdir, first = smoke_workdir
   for stage in ('tokenizer', 'pretrain', 'aesthetic', 'mine', 'align', 'eval', 'export'):

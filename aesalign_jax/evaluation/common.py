@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Union
 import ml_collections
 import numpy as np
 
+from aesalign_jax import multihost
+
 Metrics = Union[Mapping[str, float], Iterable[tuple[str, float]]]
 
 
@@ -45,6 +47,9 @@ class System:
   name: str
   embedder: Embeds
   rephrase: Any = None
+  # Evaluated by every process of a multi-process run at once: embed_chunks splits the images
+  # over the processes (the caller's rephraser and judge split their LLM calls themselves).
+  across_processes: bool = False
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> float32 [N, D] unit vectors."""
@@ -73,6 +78,22 @@ class System:
                        f'e.g. {missing[0]!r}')
       return [str(r[q]) for q in queries]
     return [str(r(q)) for q in queries]
+
+
+def embed_chunks(system: System, n: int, batch_size: int,
+                 load: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+  """Embeds items [0, n) chunk by chunk: load(rows) -> uint8 images [len(rows), S, S, 3].
+
+  A system evaluated across processes splits the chunks over them (each process loads and
+  embeds its own block of chunks, multihost.share) and gathers the embeddings in order. Each
+  chunk is embedded as one process would embed it, so the bits do not depend on the number of
+  processes. Returns float32 [n, D]."""
+  chunks = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+  if not system.across_processes or len(chunks) < multihost.count():
+    return np.concatenate([system.embed_images(load(rows)) for rows in chunks])
+  start, stop = multihost.share(len(chunks))
+  own = np.concatenate([system.embed_images(load(rows)) for rows in chunks[start:stop]])
+  return np.concatenate(multihost.allgather_arrays(own))
 
 
 class EmbeddingCache:

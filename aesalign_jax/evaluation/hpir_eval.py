@@ -47,7 +47,12 @@ def _hpir_aspect_scores(system: common.System, path: str) -> tuple[dict, int, in
                      f'{len(loaded.bad_lines)} malformed lines, {len(failed)} images that do '
                      'not load)')
   items, groups = [loaded.items[i] for i in keep], [groups[i] for i in keep]
-  emb = dict(zip(pixels, system.embed_images(np.stack(list(pixels.values())))))
+  stacked = np.stack(list(pixels.values()))
+  if system.across_processes:   # split over the processes (chunks of the embedder's batch)
+    embedded = common.embed_chunks(system, len(stacked), 256, lambda rows: stacked[rows])
+  else:
+    embedded = system.embed_images(stacked)
+  emb = dict(zip(pixels, embedded))
   queries = sorted({item.query for item in items})
   q_emb = dict(zip(queries, system.embed_texts(system.query_texts(queries))))
   sims = [(np.stack([emb[str(p)] for p in a]) @ q_emb[item.query],

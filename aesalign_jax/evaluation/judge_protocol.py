@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aesalign_jax import multihost
 from aesalign_jax.evaluation.hpir import ASPECTS
 
 logger = logging.getLogger(__name__)
@@ -125,12 +126,15 @@ def outcome(choice_1: str, choice_2: str) -> str:
 
 
 def judge_systems(judge: Judge, queries: Sequence, tops_1: Sequence, tops_2: Sequence, *,
-                  aspects: Sequence[str] = ASPECTS, max_concurrency: int | None = None) -> dict:
+                  aspects: Sequence[str] = ASPECTS, max_concurrency: int | None = None,
+                  across_processes: bool = False) -> dict:
   """Compares system 1 with system 2 on every query, twice with the order swapped.
 
   queries: str or objects with .text (e.g. world Queries); tops_1, tops_2: per query the
   system's top k as a Group or an int id sequence. max_concurrency: judge calls in flight
-  (None = the judge's own max_concurrency, else 1).
+  (None = the judge's own max_concurrency, else 1). across_processes: every process of a
+  multi-process run calls this with the same arguments; each makes its block of the calls
+  (multihost.share; an LMM judge's requests are split) and all get every answer.
 
   Returns a JSON-ready dict:
     judge, aspects, num_queries;
@@ -167,12 +171,16 @@ def judge_systems(judge: Judge, queries: Sequence, tops_1: Sequence, tops_2: Seq
     a, b = (groups_1[i], groups_2[i]) if call == 1 else (groups_2[i], groups_1[i])
     return _one_call(judge, queries[i], a, b, aspects)
 
-  workers = max(1, min(max_concurrency, len(calls)))
+  split = across_processes and multihost.count() > 1
+  start, stop = multihost.share(len(calls)) if split else (0, len(calls))
+  workers = max(1, min(max_concurrency, stop - start))
   if workers == 1:
-    answers = [run(t) for t in calls]
+    answers = [run(t) for t in calls[start:stop]]
   else:
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="judge") as pool:
-      answers = list(pool.map(run, calls))
+      answers = list(pool.map(run, calls[start:stop]))
+  if split:   # (verdict, reason) pairs travel as JSON lists
+    answers = [tuple(a) for a in multihost.concat_shares([list(a) for a in answers])]
 
   counts = {a: dict.fromkeys(OUTCOMES, 0) for a in aspects}
   per_query, failed_calls = [], 0

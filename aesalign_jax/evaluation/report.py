@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
-from aesalign_jax import embed, rephrase
+from aesalign_jax import embed, multihost, rephrase
 from aesalign_jax.evaluation import common, fallbacks, figures, hpir_eval, hpir_world
 from aesalign_jax.evaluation import topk_quality
 from aesalign_jax.evaluation import judge as judge_lib
@@ -57,25 +57,39 @@ class EvalCorpus:
 
 
 def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
-             stage_summaries: Optional[dict] = None, searcher=None) -> dict:
+             stage_summaries: Optional[dict] = None, searcher=None, *,
+             across_processes: bool = False) -> dict:
   """pt_model, aligned_model: (ClipConfig, params, tokenizer); stage_summaries: the earlier
   stages' summaries by name, quoted in the report; searcher: the top-k search
   (retrieval.make_searcher(config.retrieval, mesh); None = on the default device). Returns
-  the report dict; writes report.json, report.md and the figures (PNG) to out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
+  the report dict; writes report.json, report.md and the figures (PNG) to out_dir.
+
+  across_processes: every process of a multi-process run calls evaluate at once; the images
+  to embed (common.embed_chunks), the rephrasings and the judges' calls are split over them
+  and gathered, so every process computes the same report, and process 0 writes it."""
+  writer = not across_processes or multihost.is_writer()
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
   pt = embed.Embedder(*pt_model)
   rephraser = rephrase.make_rephraser(config.rephrase,
-                                      os.path.join(out_dir, 'rephrase_cache.jsonl'))
-  systems = [common.System('PT', pt), common.System('PT+rephrase', pt, rephrase=rephraser),
-             common.System('aligned', embed.Embedder(*aligned_model))]
+                                      os.path.join(out_dir, 'rephrase_cache.jsonl'),
+                                      across_processes=across_processes)
+  shared = dict(across_processes=across_processes)
+  systems = [common.System('PT', pt, **shared),
+             common.System('PT+rephrase', pt, rephrase=rephraser, **shared),
+             common.System('aligned', embed.Embedder(*aligned_model), **shared)]
   truth = data.corpus.truth
   simulator = getattr(truth, 'world', None)   # a world that can draw new benchmark items
   evaluators = common.make_evaluators(
       config.evals, corpus=data.corpus, scorers=data.scorers, queries=data.queries,
       corpus_embeddings=data.embeddings, world=simulator, searcher=searcher)
-  hpir_path = (None if simulator is None else
-               hpir_world.generate_hpir(simulator, os.path.join(out_dir, 'hpir'),
-                                        config.hpir_world))
+  hpir_path = None
+  if simulator is not None:   # written by one process, read by all
+    if writer:
+      hpir_path = str(hpir_world.generate_hpir(simulator, os.path.join(out_dir, 'hpir'),
+                                               config.hpir_world))
+    if across_processes:
+      hpir_path = multihost.allgather(hpir_path)[0]
   metrics, rephrased = {}, {}
   for system in systems:
     logging.info('evaluating %s', system.name)
@@ -97,7 +111,7 @@ def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
   topk = evaluators[topk_name].results if topk_name else {}
   if not topk:
     logging.info('no top-k quality section enabled in config.evals: no judge, no grid')
-  judged = _judge_all(_judges(config.judge, data), topk) if topk else {}
+  judged = _judge_all(_judges(config.judge, data), topk, across_processes) if topk else {}
   claims = CLAIMS if truth is not None else corpus_claims(metrics, topk_name or 'topk_quality')
   report = {'metrics': metrics, 'judge': judged, 'stages': dict(stage_summaries or {}),
             'topk': {name: t.to_json() for name, t in topk.items()},
@@ -117,6 +131,8 @@ def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
     report['corpus'] = dict(data.summary)
   # The trade-off plot's recall: the first retrieval set's R@10 (e.g. retrieval_coco).
   recalls = sorted({key for m in metrics.values() for key in m if key.endswith('/t2i_r10')})
+  if not writer:
+    return report
   with open(os.path.join(out_dir, 'report.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1, default=float)
   report['figures'] = figures.write_report_figures(
@@ -127,8 +143,9 @@ def evaluate(config, pt_model, aligned_model, data: EvalCorpus, out_dir: str,
   return report
 
 
-def _judge_all(judges, topk) -> dict:
-  """Each judge on aligned vs PT and aligned vs PT+rephrase, over the top-k results."""
+def _judge_all(judges, topk, across_processes: bool = False) -> dict:
+  """Each judge on aligned vs PT and aligned vs PT+rephrase, over the top-k results (its
+  calls split over the processes when they all evaluate: judge_systems)."""
   judged = {}
   for judge_name, judge, images_fn in judges:
     for other in ('PT', 'PT+rephrase'):
@@ -136,7 +153,8 @@ def _judge_all(judges, topk) -> dict:
       result = judge_lib.judge_systems(
           judge, topk['aligned'].queries,
           judge_lib.groups_from_rows(topk['aligned'].rows, images_fn),
-          judge_lib.groups_from_rows(topk[other].rows, images_fn), aspects=judge.aspects)
+          judge_lib.groups_from_rows(topk[other].rows, images_fn), aspects=judge.aspects,
+          across_processes=across_processes)
       entry = {k: result[k]
                for k in ('rates', 'num_queries', 'num_judged', 'failures', 'failed_calls')}
       failed = next((p for p in result['per_query'] if p['outcome'] is None), None)

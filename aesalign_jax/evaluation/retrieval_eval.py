@@ -260,9 +260,8 @@ class RetrievalEvaluator(common.Evaluator):
     n = min(len(corpus), c.max_images) if c.max_images else len(corpus)
     # Embedded once per system and corpus (the key other evaluators of the corpus use).
     key = corpus.name if n == len(corpus) else f'{corpus.name}:{n}'
-    img = self.cache.get(system, key, lambda: np.concatenate([
-        system.embed_images(corpus.images(np.arange(s, min(n, s + c.batch_size)))[0])
-        for s in range(0, n, c.batch_size)]))
+    img = self.cache.get(system, key, lambda: common.embed_chunks(
+        system, n, c.batch_size, lambda rows: corpus.images(rows)[0]))
     txt = system.embed_texts(corpus.captions(np.arange(n)))
     return retrieval_metrics(img, txt, np.arange(n), **self._metric_kwargs())
 

@@ -204,14 +204,15 @@ class TopKQualityEvaluator(common.Evaluator):
     n = len(corpus)
     given = self.context.get('corpus_embeddings') or {}
     if system.name in given:
-      corpus_emb = np.asarray(given[system.name], np.float32)
+      corpus_emb = given[system.name]   # an on-disk index (retrieval.IndexRows) stays there
+      if not isinstance(corpus_emb, retrieval.IndexRows):
+        corpus_emb = np.asarray(corpus_emb, np.float32)
       if len(corpus_emb) != n:
         raise ValueError(f'evals.{self.name}: corpus_embeddings[{system.name!r}] has '
                          f'{len(corpus_emb)} rows for a corpus of {n}')
     else:
-      corpus_emb = self.cache.get(system, corpus.name, lambda: np.concatenate([
-          system.embed_images(corpus.images(np.arange(s, min(n, s + c.batch_size)))[0])
-          for s in range(0, n, c.batch_size)]))
+      corpus_emb = self.cache.get(system, corpus.name, lambda: common.embed_chunks(
+          system, n, c.batch_size, lambda rows: corpus.images(rows)[0]))
     metrics, top = evaluate_topk(
         system, queries, corpus_emb, k=c.k, scorers=scorers, relevance=relevance,
         ids=corpus.ids, diversity_emb=self.context.get('reference_embeddings'),

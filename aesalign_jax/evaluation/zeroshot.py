@@ -179,9 +179,8 @@ class ZeroShotEvaluator(common.Evaluator):
     # The whole split is embedded (the key other world evaluators use), so every world
     # evaluator shares one embedding of it per model.
     split = world.split_indices(c.split)
-    img = self.cache.get(system, f'world:{c.split}:{len(split)}', lambda: np.concatenate([
-        system.embed_images(world.render_batch(split[s:s + c.batch_size]))
-        for s in range(0, len(split), c.batch_size)]))
+    img = self.cache.get(system, f'world:{c.split}:{len(split)}', lambda: common.embed_chunks(
+        system, len(split), c.batch_size, lambda rows: world.render_batch(split[rows])))
     return img[idx - split[0]], labels, names
 
   def _tfds(self, system):

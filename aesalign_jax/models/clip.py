@@ -50,7 +50,8 @@ class ClipConfig:
   dtype: str = 'float32'      # compute dtype; parameters always fp32
   remat: bool = False         # rematerialise each transformer block in the backward pass
   # 'einsum': plain XLA ops (compiles fastest on CPU); 'fused': jax.nn.dot_product_attention
-  # (cuDNN flash attention on GPU); 'auto': fused on GPU, einsum elsewhere.
+  # with its default implementation (in jax 0.10 XLA's own, not cuDNN: see
+  # benchmarks/gpu_step.py's 'cudnn' variant); 'auto': fused on GPU, einsum elsewhere.
   attention: str = 'auto'
   # 'patch': one stride-p convolution (CLIP's; the transformers layout). 'conv': a hybrid ViT
   # whose tokens come from log2(p) 3x3 stride-2 convolutions (Xiao et al. 2021, "Early
@@ -199,7 +200,7 @@ class Attention(nnx.Module):
     b, t, w = x.shape
     split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
     q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-    if self.fused:   # cuDNN's fused kernel on GPU; softmax in fp32 inside it
+    if self.fused:   # jax.nn.dot_product_attention (XLA's by default); softmax in fp32
       y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     else:            # on CPU the plain ops compile about 2x faster than the generic kernel
       y = einsum_attention(q, k, v, causal)

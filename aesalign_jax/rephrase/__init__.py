@@ -21,14 +21,15 @@ import ml_collections
 from aesalign_jax.rephrase import prompts
 from aesalign_jax.rephrase.cache import RephraseCache
 from aesalign_jax.rephrase.core import (Attempt, Backend, Rephraser, RephraseResult,
-                                        RephraseTally)
+                                        RephraseTally, concat_results)
 from aesalign_jax.rephrase.lexicon import LexiconBackend, rephrase_query
 from aesalign_jax.rephrase.prompts import STYLES, parse_answer
 
 BACKENDS = ("lexicon", "hf", "openai")
 
 __all__ = ["Attempt", "BACKENDS", "Backend", "LexiconBackend", "RephraseCache",
-           "RephraseResult", "RephraseTally", "Rephraser", "STYLES", "default_config",
+           "RephraseResult", "RephraseTally", "Rephraser", "STYLES", "concat_results",
+           "default_config",
            "make_backend", "make_rephraser", "parse_answer", "rephrase_query"]
 
 
@@ -103,12 +104,14 @@ def make_backend(config: ml_collections.ConfigDict) -> Backend:
                    f"got {config.backend!r}")
 
 
-def make_rephraser(config: ml_collections.ConfigDict,
-                   cache_path: str | None = None) -> Rephraser:
+def make_rephraser(config: ml_collections.ConfigDict, cache_path: str | None = None, *,
+                   across_processes: bool = False) -> Rephraser:
   """A Rephraser from the `rephrase` config section.
 
   cache_path overrides config.cache_path (e.g. a path resolved under the workdir); the
-  style is checked before any model is loaded.
+  style is checked before any model is loaded. across_processes: every process of a
+  multi-process run calls it and makes the same calls (Rephraser); process 0 writes the
+  cache, the others read it (all after every process has loaded it: the same entries).
   """
   prompts.check_style(config.style)
   if config.backend not in BACKENDS:
@@ -116,5 +119,13 @@ def make_rephraser(config: ml_collections.ConfigDict,
                      f"got {config.backend!r}")
   backend = make_backend(config)
   path = config.cache_path if cache_path is None else cache_path
-  cache = RephraseCache(path) if path and backend.cacheable else None
-  return Rephraser(backend, config.style, cache=cache, k=int(config.num_keywords))
+  shared = False
+  if across_processes:
+    from aesalign_jax import multihost  # pylint: disable=g-import-not-at-top  (jax)
+    shared = multihost.count() > 1
+  read_only = shared and not multihost.is_writer()
+  cache = RephraseCache(path, read_only=read_only) if path and backend.cacheable else None
+  if shared:
+    multihost.barrier(f'rephrase cache {path} loaded')
+  return Rephraser(backend, config.style, cache=cache, k=int(config.num_keywords),
+                   across_processes=shared)

@@ -30,15 +30,20 @@ def cache_key(backend: str, model: str, style: str, prompt: str, query: str) -> 
 class RephraseCache:
   """Loads the entries already in `path` and appends new ones (thread-safe)."""
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, read_only: bool = False):
+    """read_only: read the entries, keep new ones in memory only (another process writes the
+    file)."""
     self.path = os.fspath(path)
     self._entries: dict[str, str] = {}
     self._lock = threading.Lock()
     self.skipped_lines = 0
+    self._read_only = read_only
     self._load()
-    parent = os.path.dirname(os.path.abspath(self.path))
-    os.makedirs(parent, exist_ok=True)
-    self._file = open(self.path, "a", encoding="utf-8")
+    self._file = None
+    if not read_only:
+      parent = os.path.dirname(os.path.abspath(self.path))
+      os.makedirs(parent, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -56,13 +61,15 @@ class RephraseCache:
     with self._lock:
       if self._entries.get(key) == text:
         return
-      self._file.write(line + "\n")
-      self._file.flush()
+      if self._file is not None:
+        self._file.write(line + "\n")
+        self._file.flush()
       self._entries[key] = text
 
   def close(self) -> None:
     with self._lock:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
 
   def __enter__(self):
     return self
@@ -76,7 +83,7 @@ class RephraseCache:
     with open(self.path, "rb") as f:
       data = f.read()
     complete = data.rfind(b"\n") + 1
-    if complete < len(data):
+    if complete < len(data) and not self._read_only:
       # A run killed mid-write: drop the partial line so that new entries start on a fresh one.
       logger.warning("rephrase cache %s: ignoring an unfinished last line (%d bytes); "
                      "it is removed", self.path, len(data) - complete)

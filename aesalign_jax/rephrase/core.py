@@ -80,6 +80,17 @@ class RephraseResult:
                 fallback_list=[dict(query=q, reason=r) for q, r in self.fallbacks])
 
 
+def concat_results(parts: Sequence[RephraseResult]) -> RephraseResult:
+  """One result for consecutive blocks of queries rephrased apart (e.g. by several processes,
+  each its share): lists in block order, backend calls summed, the longest time."""
+  first = parts[0]
+  lists = {name: [x for p in parts for x in getattr(p, name)]
+           for name in ("queries", "texts", "status", "reasons", "from_cache")}
+  return RephraseResult(backend=first.backend, model=first.model, style=first.style, **lists,
+                        backend_calls=sum(p.backend_calls for p in parts),
+                        seconds=max(p.seconds for p in parts))
+
+
 def fallback_rate(fallbacks: int, queries: int) -> float | None:
   """fallbacks / queries, None when there were no queries."""
   return fallbacks / queries if queries else None
@@ -124,10 +135,15 @@ class RephraseTally:
 class Rephraser:
   """Rephrases queries in one prompt style with one backend, through an optional cache."""
 
-  def __init__(self, backend: Backend, style: str, cache=None, k: int = 3):
+  def __init__(self, backend: Backend, style: str, cache=None, k: int = 3,
+               across_processes: bool = False):
     """backend: a Backend; style: one of prompts.STYLES; cache: a RephraseCache or None;
-    k: the keyword count the style's prompt asks for (part of the cache key)."""
+    k: the keyword count the style's prompt asks for (part of the cache key);
+    across_processes: every process of a multi-process run makes the same rephrase_batch
+    calls; the queries the cache lacks are split over the processes (each sends its block to
+    the backend) and every process gets every answer (make_rephraser sets it up)."""
     self.backend = backend
+    self.across_processes = across_processes
     self.style = prompts.check_style(style)
     self.cache = cache if getattr(backend, "cacheable", False) else None
     self.prompt_id = prompts.prompt_fingerprint(style, k)
@@ -208,6 +224,15 @@ class Rephraser:
     return result
 
   def _complete(self, queries: list[str]) -> list[Attempt]:
+    from aesalign_jax import multihost  # pylint: disable=g-import-not-at-top  (jax)
+    if not self.across_processes or multihost.count() == 1:
+      return self._complete_here(queries)
+    start, stop = multihost.share(len(queries))
+    own = self._complete_here(queries[start:stop])
+    return [Attempt(text, reason) for text, reason in
+            multihost.concat_shares([[a.text, a.reason] for a in own])]
+
+  def _complete_here(self, queries: list[str]) -> list[Attempt]:
     if not queries:
       return []
     try:

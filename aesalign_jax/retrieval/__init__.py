@@ -1,7 +1,8 @@
 """Retrieval: corpus embeddings on disk, and top-K search on device or with FAISS.
 
   index.py        embed_corpus (sharded batches -> shard files + manifest, resumable),
-                  load_index / iter_shards, image_embed_fn, fingerprint_params
+                  load_index / iter_shards / open_index (rows read on demand),
+                  image_embed_fn, fingerprint_params
   search.py       topk / search_ids: exact (or approx_max_k) top-K in chunks, over a mesh
   faiss_index.py  FaissIndex (optional extra: pip install aesalign[faiss])
   searcher.py     Searcher / make_searcher(config.retrieval, mesh): the backend the config
@@ -11,10 +12,11 @@
 import ml_collections
 
 from aesalign_jax.retrieval.index import (  # noqa: F401
-    IndexMismatchError, embed_corpus, fingerprint_params, image_embed_fn, iter_shards,
-    load_index, read_manifest)
+    IndexMismatchError, IndexRows, embed_corpus, fingerprint_params, image_embed_fn,
+    iter_shards, load_index, open_index, read_manifest)
 from aesalign_jax.retrieval.search import search_ids, topk  # noqa: F401
-from aesalign_jax.retrieval.searcher import Searcher, make_searcher, validate  # noqa: F401
+from aesalign_jax.retrieval.searcher import (  # noqa: F401
+    Searcher, make_searcher, merge_topk, validate)
 
 
 def default_config() -> ml_collections.ConfigDict:

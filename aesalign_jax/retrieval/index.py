@@ -14,8 +14,11 @@ rename and the manifest update loses nothing) and computes only the rest. A mani
 for another model (fingerprint), another embedding size or another corpus (ids, shard size,
 dtype) is refused with an error naming the difference, unless rebuild=True.
 
-Multi-host: every process runs the same calls (the embedding is one global computation over
-the mesh) and process 0 alone writes; out_dir must be on a file system all processes share.
+Several processes: every process calls embed_corpus; each embeds the shards j with
+j % process_count == process_index on its own devices (a mesh of its local devices, or none)
+and writes them itself, and process 0 writes the manifest; no process holds more than one
+shard's embeddings. out_dir must be on a file system all processes share. Read the index
+back with open_index (rows on demand) rather than load_index (all of it in memory).
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from aesalign_jax import sharding
+from aesalign_jax import multihost, sharding
 # The on-disk layout and the readers, importable from here too (index.load_index...).
 from aesalign_jax.retrieval.index_files import (  # noqa: F401
-    FORMAT, MANIFEST, IndexMismatchError, as_ids, atomic_write, check_compatible, clear_index,
-    ids_digest, iter_shards, load_index, read_manifest, shard_is_complete, shard_name,
-    write_manifest, write_shard)
+    FORMAT, MANIFEST, IndexMismatchError, IndexRows, as_ids, atomic_write, check_compatible,
+    clear_index, ids_digest, iter_shards, load_index, open_index, read_manifest,
+    shard_is_complete, shard_name, write_manifest, write_shard)
 
-__all__ = ['FORMAT', 'MANIFEST', 'IndexMismatchError', 'LoadBatch', 'as_ids', 'atomic_write',
-           'embed_corpus', 'fingerprint_params', 'image_embed_fn', 'iter_shards', 'load_index',
-           'read_manifest', 'shard_name']
+__all__ = ['FORMAT', 'MANIFEST', 'IndexMismatchError', 'IndexRows', 'LoadBatch', 'as_ids',
+           'atomic_write', 'embed_corpus', 'fingerprint_params', 'image_embed_fn', 'iter_shards',
+           'load_index', 'open_index', 'read_manifest', 'shard_name']
 
 _DTYPES = ('float32', 'float16')
 
@@ -180,6 +183,8 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
     dtype: 'float32' or 'float16' storage.
     mesh, rules: put each batch with sharding.batch_sharding(mesh, rules) (batch_size must be
       a multiple of the devices on the batch axes); rules default to sharding.DEFAULT_RULES.
+      With several processes the mesh must be this process's own devices
+      (sharding.local_mesh): each process embeds its own shards.
     rebuild: delete an incompatible index in out_dir instead of refusing it.
     progress: show a tqdm progress bar.
 
@@ -196,6 +201,11 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
   n = len(ids)
   if n == 0:
     raise ValueError(f'embed_corpus: the corpus for {out_dir} has no ids')
+  processes, me = jax.process_count(), jax.process_index()
+  if processes > 1 and mesh is not None and not all(
+      d.process_index == me for d in mesh.devices.flat):
+    raise ValueError('embed_corpus: with several processes each embeds its own shards, so the '
+                     'mesh must hold this process\'s devices only (sharding.local_mesh(mesh))')
   put = None
   if mesh is not None:
     rules = sharding.DEFAULT_RULES if rules is None else rules
@@ -246,7 +256,7 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
              disable=not progress)
   with bar:
     for j, s, e in plan:
-      if j in done:
+      if j in done or j % processes != me:   # another process's shard: it embeds it
         reader.skip(e)
         continue
       parts = []
@@ -274,15 +284,26 @@ def embed_corpus(embed_images_fn: Callable[[Any], Any], images: Union[LoadBatch,
               f'fingerprint must identify the model; delete {out_dir} to rebuild it')
         parts.append(out.astype(dtype))
         bar.update(real)
-      if writer:
-        write_shard(os.path.join(out_dir, shard_name(j)), np.concatenate(parts), ids[s:e])
+      write_shard(os.path.join(out_dir, shard_name(j)), np.concatenate(parts), ids[s:e])
+      if processes == 1:   # several processes: process 0 lists every shard at the end
         manifest['shards'].append({'file': shard_name(j), 'start': s, 'count': e - s})
         manifest['shards'].sort(key=lambda r: r['start'])
         manifest['complete'] = len(manifest['shards']) == len(plan)
         write_manifest(out_dir, manifest)
       computed += 1
+  if processes > 1:
+    dims = [d for d in multihost.allgather(manifest['dim']) if d is not None]
+    manifest['dim'] = manifest['dim'] if manifest['dim'] is not None else (
+        dims[0] if dims else None)
+    _sync_processes('embed_corpus:embedded')   # every shard is on disk
+    if writer:
+      manifest['shards'] = [{'file': shard_name(j), 'start': s, 'count': e - s}
+                            for j, s, e in plan]
+      manifest['complete'] = True
+      write_manifest(out_dir, manifest)
+    _sync_processes('embed_corpus:listed')
   seconds = time.perf_counter() - start_time
-  rows_computed = sum(e - s for j, s, e in plan if j not in done)
+  rows_computed = sum(e - s for j, s, e in plan if j not in done and j % processes == me)
   return {'out_dir': out_dir, 'count': n, 'dim': manifest['dim'], 'shards': len(plan),
           'computed_shards': computed, 'reused_shards': len(done), 'seconds': seconds,
           'images_per_s': rows_computed / seconds if rows_computed and seconds > 0 else None}

@@ -8,6 +8,12 @@ Layout of an index folder:
                      shards: [{file, start, count}]}
 
     embeddings, ids = load_index(out_dir)          # or: for emb, ids, start in iter_shards(out_dir)
+    rows = open_index(out_dir)                     # read from the files on demand: rows[r],
+                                                   # rows[a:b]; never the whole matrix at once
+
+The shard files are uncompressed zips (np.savez), so open_index maps each shard's embeddings
+straight from its file (np.memmap at the array's offset) for the rows asked for, and unmaps
+them after: a process's memory holds the rows it reads, not the index.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import zipfile
 from typing import Any, Callable, Iterator, Optional
 
@@ -193,3 +200,143 @@ def load_index(out_dir: str, dtype=None) -> tuple[np.ndarray, np.ndarray]:
     embeddings[start:start + len(emb)] = emb
     ids.append(shard_ids)
   return embeddings, np.concatenate(ids)
+
+
+# --- reading rows on demand -------------------------------------------------------------------
+
+def _npz_member_location(path: str, key: str) -> tuple[int, tuple, np.dtype, bool]:
+  """(byte offset of the array's data in the file, shape, dtype, fortran order) of one array
+  of an uncompressed .npz (np.savez), from its zip and .npy headers."""
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(f'{key}.npy')
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise ValueError(f'{path}: {key} is compressed; index shards are written uncompressed')
+  with open(path, 'rb') as f:
+    f.seek(info.header_offset)
+    local = f.read(30)   # the zip local file header: name and extra field lengths at 26..29
+    name_len, extra_len = struct.unpack('<HH', local[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    major, _ = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(f)
+    return f.tell(), shape, dtype, fortran
+
+
+class IndexRows:
+  """The embeddings of a complete index as a read-only [N, D] float32 array-like whose rows are
+  read from the shard files when indexed (rows[5], rows[[3, 9]], rows[1000:2000], a bool mask)
+  and not kept: what search.topk streams through chunk by chunk, and what mining and the
+  evaluators index. `take(rows)` is a view of some rows (the same files); `ids` their ids.
+  np.asarray(rows) reads everything (e.g. to build a FAISS index)."""
+
+  def __init__(self, out_dir: str, *, _shards=None, _select=None):
+    self.out_dir = out_dir
+    if _shards is None:
+      manifest = _complete_manifest(out_dir)
+      _shards = []
+      for rec in manifest['shards']:
+        path = os.path.join(out_dir, rec['file'])
+        offset, shape, dtype, fortran = _npz_member_location(path, 'embeddings')
+        if tuple(shape) != (rec['count'], manifest['dim']):
+          raise ValueError(f'index shard {path}: embeddings {shape}, the manifest says '
+                           f'[{rec["count"]}, {manifest["dim"]}]')
+        _shards.append((path, rec['start'], offset, tuple(shape), dtype, fortran))
+      self._dim = int(manifest['dim'])
+      self._count = int(manifest['count'])
+    else:
+      self._dim = _shards[0][3][1]
+      self._count = sum(s[3][0] for s in _shards)
+    self._shards = _shards
+    self._starts = np.asarray([s[1] for s in _shards], np.int64)
+    self._select = None if _select is None else np.asarray(_select, np.int64)
+    self.dtype = np.dtype(np.float32)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (len(self), self._dim)
+
+  ndim = 2
+
+  def __len__(self) -> int:
+    return self._count if self._select is None else len(self._select)
+
+  @property
+  def ids(self) -> np.ndarray:
+    parts = []
+    for path, *_ in self._shards:
+      with np.load(path, allow_pickle=False) as z:
+        parts.append(z['ids'])
+    ids = np.concatenate(parts)
+    return ids if self._select is None else ids[self._select]
+
+  def shards(self) -> list[tuple[int, int]]:
+    """[start, stop) of each shard in this view's rows (a view made by take() has one)."""
+    if self._select is not None:
+      return [(0, len(self))]
+    return [(s[1], s[1] + s[3][0]) for s in self._shards]
+
+  def _read(self, rows: np.ndarray) -> np.ndarray:
+    """Index rows (sorted or not) -> float32 [len(rows), D], a fresh array."""
+    out = np.empty((len(rows), self._dim), np.float32)
+    if not len(rows):
+      return out
+    if rows.min() < 0 or rows.max() >= self._count:
+      raise IndexError(f'index {self.out_dir}: rows outside [0, {self._count})')
+    which = np.searchsorted(self._starts, rows, side='right') - 1
+    for j in np.unique(which):
+      path, start, offset, shape, dtype, fortran = self._shards[j]
+      at = np.flatnonzero(which == j)
+      # Mapped for this read only: the pages read leave the process with the map.
+      mapped = np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape,
+                         order='F' if fortran else 'C')
+      local = rows[at] - start
+      lo, hi = int(local.min()), int(local.max()) + 1
+      if hi - lo == len(local) and np.all(np.diff(local) == 1):   # a run: one slice
+        out[at] = mapped[lo:hi]
+      else:
+        out[at] = mapped[local]
+      del mapped
+    return out
+
+  def __getitem__(self, key) -> np.ndarray:
+    n = len(self)
+    if isinstance(key, tuple):   # rows[r, :] and the like
+      first, rest = key[0], key[1:]
+      return self[first][(slice(None),) + rest]
+    if isinstance(key, slice):
+      rows = np.arange(*key.indices(n), dtype=np.int64)
+    else:
+      arr = np.asarray(key)
+      if arr.dtype == bool:
+        if arr.shape != (n,):
+          raise IndexError(f'boolean index of shape {arr.shape} for {n} rows')
+        rows = np.flatnonzero(arr)
+      else:
+        rows = arr.astype(np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + n, rows)
+      if arr.ndim == 0 and arr.dtype != bool:
+        return self[rows][0]
+    if self._select is not None:
+      rows = self._select[rows]
+    out = self._read(rows)
+    if not isinstance(key, slice) and np.asarray(key).dtype != bool:
+      out = out.reshape(np.asarray(key).shape + (self._dim,))
+    return out
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out if dtype is None else out.astype(dtype)
+
+  def take(self, rows) -> 'IndexRows':
+    """A view of these rows (indices or a bool mask into this view), in this order."""
+    rows = np.asarray(rows)
+    rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+    if self._select is not None:
+      rows = self._select[rows]
+    return IndexRows(self.out_dir, _shards=self._shards, _select=rows)
+
+
+def open_index(out_dir: str) -> IndexRows:
+  """The complete index in out_dir, rows read on demand (IndexRows)."""
+  return IndexRows(out_dir)

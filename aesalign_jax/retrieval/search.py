@@ -164,6 +164,11 @@ def topk(queries, corpus, k: int, *, chunk_size: int = 65536, query_chunk: int =
     running = [jax.device_put(r, rep) for r in running]
   hi = np.int32(n)
   for chunk, row0, valid_from in _chunks(corpus, n, chunk_size):
+    # This chunk was read (from host memory or an on-disk index) while the last one was being
+    # scored; wait for that before sending this one. Without the wait, asynchronous dispatch
+    # queues every chunk's transfer at once and the host holds the whole corpus (measured:
+    # 1M x 128 from disk, peak RSS 1046 MiB; with it, two chunks).
+    jax.block_until_ready(running)
     if mesh is not None:
       chunk = jax.device_put(chunk, chunk_sharding)
     else:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 from absl import logging
 
+from aesalign_jax import multihost, sharding
 from aesalign_jax.retrieval import faiss_index, search
 
 BACKENDS = ('device', 'faiss')
@@ -60,15 +61,41 @@ class Searcher:
   recall_target: float
   faiss_kind: str
   mesh: Any = None
+  # Several processes: every process calls topk with the same queries; each searches its
+  # block of the corpus rows (multihost.share) on its own devices and the per-process top-k
+  # lists are merged (exact: the best k of the union, lower row first on ties).
+  across_processes: bool = False
   # backend 'faiss': (the corpus array it was built over, its FaissIndex).
   _index: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)
 
   def topk(self, query_emb, corpus_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if self.across_processes and multihost.count() > 1:
+      return self._merged_topk(query_emb, corpus_emb, k)
+    return self._topk(query_emb, corpus_emb, k, self.mesh)
+
+  def _topk(self, query_emb, corpus_emb, k: int, mesh) -> tuple[np.ndarray, np.ndarray]:
     if self.backend == 'device':
       return search.topk(query_emb, corpus_emb, k, chunk_size=self.chunk_size,
-                         query_chunk=self.query_chunk, mesh=self.mesh, approx=self.approx,
+                         query_chunk=self.query_chunk, mesh=mesh, approx=self.approx,
                          recall_target=self.recall_target)
     return _ranked_by_row_on_ties(self._faiss_index(corpus_emb), np.asarray(query_emb), k)
+
+  def _merged_topk(self, query_emb, corpus_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(corpus_emb)
+    if not 1 <= k <= n:
+      raise ValueError(f'topk: k={k} must be in [1, N={n}] (the corpus size)')
+    start, stop = multihost.share(n)
+    q = np.asarray(query_emb, np.float32)
+    scores = np.full((len(q), k), -np.inf, np.float32)
+    rows = np.full((len(q), k), -1, np.int64)
+    if stop > start:
+      part = (corpus_emb.take(np.arange(start, stop)) if hasattr(corpus_emb, 'take')
+              else corpus_emb[start:stop])
+      mesh = None if self.mesh is None else sharding.local_mesh(self.mesh)
+      local = min(k, stop - start)
+      scores[:, :local], part_rows = self._topk(q, part, local, mesh)
+      rows[:, :local] = part_rows + start
+    return merge_topk(multihost.allgather_arrays(scores), multihost.allgather_arrays(rows), k)
 
   def _faiss_index(self, corpus_emb) -> faiss_index.FaissIndex:
     if self._index is None or self._index[0] is not corpus_emb:
@@ -87,9 +114,18 @@ def _ranked_by_row_on_ties(index: faiss_index.FaissIndex, queries: np.ndarray, k
   return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def make_searcher(c, mesh=None) -> Searcher:
-  """The searcher of a `retrieval` config section (validated); mesh: the device backend's."""
+def merge_topk(scores: list, rows: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The best k of several top-k lists over disjoint rows ([Q, k_i] each): by score, then
+  lower row first (the exact backends' tie rule), so the merge equals one search over all."""
+  scores, rows = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
+  order = np.lexsort((rows, -scores), axis=-1)[:, :k]
+  return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def make_searcher(c, mesh=None, *, across_processes: bool = False) -> Searcher:
+  """The searcher of a `retrieval` config section (validated); mesh: the device backend's;
+  across_processes: split each search over the processes (every process calls topk)."""
   validate(c)
   return Searcher(backend=c.backend, chunk_size=c.chunk_size, query_chunk=c.query_chunk,
                   approx=c.approx, recall_target=c.recall_target, faiss_kind=c.faiss_kind,
-                  mesh=mesh)
+                  mesh=mesh, across_processes=across_processes)

@@ -21,7 +21,8 @@ from aesalign_jax.stages.context import Context, Preempted  # noqa: F401  (main.
 STAGES = {'tokenizer': tokenizer, 'pretrain': pretrain, 'aesthetic': aesthetic, 'mine': mine,
           'align': align, 'eval': evaluate, 'export': export}
 ORDER = tuple(STAGES)
-MODES = ('all',) + ORDER
+# --mode=serve is no stage: main.py hands a finished run to the search server (serve.py).
+MODES = ('all',) + ORDER + ('serve',)
 
 
 def needs(name: str, config) -> tuple:
@@ -49,8 +50,9 @@ def start(config, workdir: str, mesh=None) -> Context:
 
 def run(mode: str, config, workdir: str, mesh=None) -> Context:
   """Runs stage `mode` (or every stage: 'all') and what it needs; returns the run's context."""
-  if mode not in MODES:
-    raise ValueError(f'--mode={mode!r}: expected one of {", ".join(MODES)}')
+  if mode not in ('all',) + ORDER:
+    raise ValueError(f'--mode={mode!r}: expected one of {", ".join(("all",) + ORDER)} (serve: '
+                     'main.py, aesalign_jax/serve.py)')
   ctx = start(config, workdir, mesh)
   for name in (ORDER if mode == 'all' else (mode,)):
     output(ctx, name)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from absl import logging
 
-from aesalign_jax import embed
+from aesalign_jax import embed, multihost
 from aesalign_jax.aesthetics import iap, world_iap
 from aesalign_jax.stages import cache, context
 
@@ -35,6 +35,8 @@ def run(ctx, inputs: dict) -> Optional[str]:
 
   def run_iap(stage_dir):
     del stage_dir
+    if not multihost.is_writer():   # a small head: one process trains it, the others wait
+      return {}
     cfg, params, tok = context.load_model_folder(model_folder)
     embedder = embed.Embedder(cfg, params, tok)
     head, report = world_iap.train_world_iap(simulator, embedder.images, config.world_iap)

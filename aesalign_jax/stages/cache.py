@@ -17,6 +17,7 @@ from typing import Callable
 
 from absl import logging
 
+from aesalign_jax import multihost
 from aesalign_jax.models import hf
 
 MARKER = 'stage.json'
@@ -68,24 +69,31 @@ def cached_stage(name: str, workdir: str, sections: dict, fn: Callable[[str], di
       return done['summary']
     logging.info('stage %s: config changed since the last run, redoing it', name)
   started = os.path.join(stage_dir, STARTED)
-  if os.path.exists(started):
-    with open(started, encoding='utf-8') as f:
-      if json.load(f).get('fingerprint') != key:
-        # Outputs and checkpoints of another config must not be resumed from.
-        logging.info('stage %s: clearing %s (written with another config)', name, stage_dir)
-        shutil.rmtree(stage_dir)
-  os.makedirs(stage_dir, exist_ok=True)
-  if not os.path.exists(started):
-    with open(started, 'w', encoding='utf-8') as f:
-      json.dump({'fingerprint': key}, f)
+  # Several processes: every one runs fn (each its share of the work); process 0 alone
+  # clears, marks and writes the summary, the others wait for it at the barriers.
+  if multihost.is_writer():
+    if os.path.exists(started):
+      with open(started, encoding='utf-8') as f:
+        if json.load(f).get('fingerprint') != key:
+          # Outputs and checkpoints of another config must not be resumed from.
+          logging.info('stage %s: clearing %s (written with another config)', name, stage_dir)
+          shutil.rmtree(stage_dir)
+    os.makedirs(stage_dir, exist_ok=True)
+    if not os.path.exists(started):
+      with open(started, 'w', encoding='utf-8') as f:
+        json.dump({'fingerprint': key}, f)
+  multihost.barrier(f'stage {name}: started')
   start = time.time()
   logging.info('stage %s: started', name)
   summary = fn(stage_dir)
   summary['seconds'] = round(time.time() - start, 2)
-  tmp = marker + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump({'fingerprint': key, 'summary': summary}, f, indent=2)
-  os.replace(tmp, marker)   # the marker appears only once the stage's outputs are complete
+  multihost.barrier(f'stage {name}: outputs written')
+  if multihost.is_writer():
+    tmp = marker + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump({'fingerprint': key, 'summary': summary}, f, indent=2)
+    os.replace(tmp, marker)   # the marker appears only once the stage's outputs are complete
+  multihost.barrier(f'stage {name}: marked')
   logging.info('stage %s: finished in %.1f s: %s', name, summary['seconds'], summary)
   return summary
 

@@ -3,6 +3,7 @@ and shared by mining and evaluation) and the aesthetic scores of corpus rows."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Callable, Optional
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from aesalign_jax import aesthetics, embed, mining
+from aesalign_jax import aesthetics, embed, mining, multihost, sharding
 from aesalign_jax.aesthetics import iap
 from aesalign_jax.models import hf
 from aesalign_jax.retrieval import index as retrieval_index
@@ -26,29 +27,57 @@ def embed_batch_size(mesh, n: int) -> int:
   return unit * max(1, min(-(-512 // unit), -(-n // unit)))
 
 
-def indexed_corpus(ctx, cfg, params) -> corpus_lib.SubsetCorpus:
+def index_shard_size(batch: int, n: int) -> int:
+  """Rows per index shard: about n / 16 (so that several processes each get shards to embed),
+  at most ~50,000, a multiple of `batch` (so the embedding batches, and with them every
+  embedding's bits, are the same however the shards are cut). Depends on n only, not on the
+  number of processes: an index is resumable by a run with another process count."""
+  return batch * max(1, min(50_000 // batch, -(-n // (16 * batch))))
+
+
+def embed_into(ctx, cfg, params, images, ids, folder: str) -> None:
+  """Builds (or finishes) the index of `ids` under `folder` over the mesh; with several
+  processes each embeds its own shards on its own devices (retrieval.embed_corpus), with the
+  same per-device batches as one process over the whole mesh."""
+  config, processes = ctx.config, jax.process_count()
+  batch = embed_batch_size(ctx.mesh, len(ids))
+  mesh = sharding.local_mesh(ctx.mesh)
+  retrieval_index.embed_corpus(
+      retrieval_index.image_embed_fn(cfg, params, mesh=mesh, rules=config.rules),
+      images, ids, folder, fingerprint=retrieval_index.fingerprint_params(params),
+      shard_size=index_shard_size(batch, len(ids)), batch_size=batch // processes, mesh=mesh,
+      rules=config.rules)
+
+
+def indexed_corpus(ctx, cfg, params, *, build: bool = True) -> corpus_lib.SubsetCorpus:
   """The first config.mine.corpus_size rows of the corpus (0 = all) with the reference model's
-  embeddings (`.embeddings`, [N, D] float32): config.mine.embeddings_dir (whose ids must be
-  corpus ids; others are dropped and counted), else built under workdir/mine/index over the
-  mesh. Images that fail to decode while the index is built are counted, named in
-  workdir/mine/unreadable.jsonl (so a resumed build still knows them) and left out."""
+  embeddings (`.embeddings`, [N, D] float32, a retrieval.IndexRows: rows are read from the
+  index files when indexed, so no process holds the whole matrix): config.mine.embeddings_dir
+  (whose ids must be corpus ids; others are dropped and counted), else built under
+  workdir/mine/index over the mesh (on several processes, each its own shards). Images that fail to decode while the index is built are counted, named in
+  workdir/mine/unreadable.jsonl (so a resumed build still knows them) and left out.
+  build=False reads a finished run's index as it is and writes nothing (the search server):
+  ValueError when it is missing, incomplete or was built by another model."""
   config, corpus = ctx.config, ctx.corpus
   size = config.mine.corpus_size
   n = len(corpus) if size <= 0 else min(len(corpus), size)
   corpus_ids = np.asarray(corpus.ids[:n]).astype(str)
   position = _unique_positions(corpus_ids, config.data)
   unreadable_log = os.path.join(ctx.workdir, 'mine', 'unreadable.jsonl')
+  # Several processes: each logs what its own shards met, process i > 0 to its own file.
+  own_log = (unreadable_log if jax.process_index() == 0 else
+             unreadable_log.replace('.jsonl', f'.process{jax.process_index()}.jsonl'))
   unreadable = {}   # id -> error
 
   def note(p, error):
     image_id = str(corpus_ids[p])
     if image_id not in unreadable:
       unreadable[image_id] = error
-      if jax.process_index() == 0:
-        with open(unreadable_log, 'a', encoding='utf-8') as f:
+      if build:
+        with open(own_log, 'a', encoding='utf-8') as f:
           f.write(json.dumps({'id': image_id, 'error': error}) + '\n')
 
-  reader = corpus.reader(on_invalid=note)
+  reader = corpus.reader(on_invalid=note if build else None)
   summary = {'corpus_records': n} if corpus.decodes_files else {}
   if config.mine.embeddings_dir:
     embeddings, ids, dropped = _stored_index(config.mine.embeddings_dir, cfg, position,
@@ -57,15 +86,17 @@ def indexed_corpus(ctx, cfg, params) -> corpus_lib.SubsetCorpus:
       summary['index_ids_not_in_corpus'] = dropped
   else:
     folder = os.path.join(ctx.workdir, 'mine', 'index')
-    retrieval_index.embed_corpus(
-        retrieval_index.image_embed_fn(cfg, params, mesh=ctx.mesh, rules=config.rules),
-        lambda rows: reader(rows)[0], corpus_ids, folder,
-        fingerprint=retrieval_index.fingerprint_params(params),
-        batch_size=embed_batch_size(ctx.mesh, n), mesh=ctx.mesh, rules=config.rules)
-    embeddings, ids = retrieval_index.load_index(folder, dtype=np.float32)
-    ids = ids.astype(str)
-    if os.path.exists(unreadable_log):   # found by an earlier, interrupted build
-      with open(unreadable_log, encoding='utf-8') as f:
+    if build:
+      embed_into(ctx, cfg, params, lambda rows: reader(rows)[0], corpus_ids, folder)
+    else:
+      check_index_of(folder, params, 'the mine stage (--mode=mine)')
+    embeddings = retrieval_index.open_index(folder)   # rows read on demand, never all
+    ids = embeddings.ids.astype(str)
+    for image_id, error in multihost.concat_shares(sorted(unreadable.items())):
+      unreadable.setdefault(image_id, error)   # those another process's shards met
+    logs = sorted(glob.glob(unreadable_log.replace('.jsonl', '*.jsonl')))
+    for log in logs:   # found by an earlier, interrupted build (by any process)
+      with open(log, encoding='utf-8') as f:
         for line in f:
           entry = json.loads(line)
           unreadable.setdefault(entry['id'], entry['error'])
@@ -73,7 +104,7 @@ def indexed_corpus(ctx, cfg, params) -> corpus_lib.SubsetCorpus:
     if unreadable:
       logging.warning('corpus: %d unreadable images left out of mining (%s), e.g. %s',
                       len(unreadable), unreadable_log, list(unreadable.values())[:5])
-    embeddings, ids = embeddings[keep], ids[keep]
+      embeddings, ids = embeddings.take(keep), ids[keep]
   if corpus.decodes_files:
     summary['corpus_unreadable'] = len(unreadable)
     summary['corpus_indexed'] = len(ids)
@@ -81,6 +112,20 @@ def indexed_corpus(ctx, cfg, params) -> corpus_lib.SubsetCorpus:
   out = corpus_lib.SubsetCorpus(corpus, rows, summary, images=reader)
   out.embeddings = embeddings
   return out
+
+
+def check_index_of(folder: str, params, stage: str) -> None:
+  """Refuses (ValueError) an index folder that is missing, incomplete, or whose manifest names
+  another model than `params` (fingerprint_params), naming the stage that writes it."""
+  try:
+    manifest = retrieval_index.read_manifest(folder)
+  except retrieval_index.IndexMismatchError as e:
+    raise ValueError(f'{e}; rerun {stage}') from e
+  if manifest is None or not manifest.get('complete'):
+    raise ValueError(f'no finished corpus index in {folder}: run {stage} first')
+  if manifest.get('fingerprint') != retrieval_index.fingerprint_params(params):
+    raise ValueError(f'the corpus index {folder} was built by another model than the one in '
+                     f'this workdir: rerun {stage}')
 
 
 def _unique_positions(ids: np.ndarray, data) -> dict[str, int]:
@@ -96,7 +141,8 @@ def _unique_positions(ids: np.ndarray, data) -> dict[str, int]:
 
 def _stored_index(folder: str, cfg, position: dict, corpus_ids: np.ndarray):
   """(embeddings, ids, ids dropped) of an existing index, keeping the corpus's ids only."""
-  embeddings, ids = retrieval_index.load_index(folder, dtype=np.float32)
+  embeddings = retrieval_index.open_index(folder)
+  ids = embeddings.ids
   if embeddings.shape[1] != cfg.embed_dim:
     raise ValueError(f'config.mine.embeddings_dir={folder!r} holds {embeddings.shape[1]}-wide '
                      f'embeddings; the reference model makes {cfg.embed_dim}-wide ones (an '
@@ -110,7 +156,9 @@ def _stored_index(folder: str, cfg, position: dict, corpus_ids: np.ndarray):
   if not known.all():
     logging.warning('%s: %d of %d ids are not in the corpus and are left out, e.g. %s', folder,
                     int((~known).sum()), len(ids), ids[~known][:5].tolist())
-  return embeddings[known], ids[known], int((~known).sum())
+  if known.all():
+    return embeddings, ids, 0
+  return embeddings.take(known), ids[known], int((~known).sum())
 
 
 def score_loaded(score: Callable, corpus: corpus_lib.Corpus, rows) -> np.ndarray:

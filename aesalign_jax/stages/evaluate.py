@@ -12,8 +12,9 @@ import os
 import numpy as np
 from absl import logging
 
-from aesalign_jax import embed, mining, retrieval
+from aesalign_jax import embed, mining, multihost, retrieval, sharding
 from aesalign_jax.aesthetics import lowlevel
+from aesalign_jax.evaluation import common as evals_common
 from aesalign_jax.evaluation import report as report_lib
 from aesalign_jax.retrieval import index as retrieval_index
 from aesalign_jax.stages import cache, context, corpus_index
@@ -33,10 +34,17 @@ def run(ctx, inputs: dict) -> str:
     pt_model = context.load_model_folder(pt_folder, config.model)
     aligned_model = context.load_model_folder(aligned_folder, config.model)
     data = eval_corpus(ctx, stage_dir, pt_model, aligned_model, iap_weights)
+    # Several processes: all evaluate, each embedding, rephrasing and judging its share;
+    # process 0 writes the report. An on-disk corpus index is searched split over them too.
+    across = multihost.count() > 1
+    on_disk = any(isinstance(e, retrieval.IndexRows) for e in data.embeddings.values())
+    searcher = retrieval.make_searcher(config.retrieval, sharding.local_mesh(ctx.mesh),
+                                       across_processes=across and on_disk)
     report = report_lib.evaluate(config, pt_model, aligned_model, data, stage_dir,
                                  cache.stage_summaries(ctx.workdir, REPORTED_STAGES),
-                                 searcher=retrieval.make_searcher(config.retrieval, ctx.mesh))
-    print(report_lib.markdown(report), flush=True)
+                                 searcher=searcher, across_processes=across)
+    if multihost.is_writer():
+      print(report_lib.markdown(report), flush=True)
     # What fell back, by stage (report.json's `fallbacks` has the counts).
     return {'report': os.path.join(stage_dir, 'report.md'),
             'degraded': report['degraded']['stages']}
@@ -73,12 +81,17 @@ def eval_corpus(ctx, stage_dir: str, pt_model, aligned_model,
   if held_out is not None:
     corpus, embeddings, summary = held_out, {}, {}
     # The IAP head reads the PT model's embedding space.
-    corpus.embeddings = embed.Embedder(*pt_model).images(
-        held_out.images(np.arange(len(held_out)))[0])
+    pt = embed.Embedder(*pt_model)
+    if multihost.count() > 1:   # each process its share of the images (common.embed_chunks)
+      corpus.embeddings = evals_common.embed_chunks(
+          evals_common.System('PT', pt, across_processes=True), len(held_out), pt.batch_size,
+          lambda rows: held_out.images(rows)[0])
+    else:
+      corpus.embeddings = pt.images(held_out.images(np.arange(len(held_out)))[0])
   else:
     corpus = corpus_index.indexed_corpus(ctx, pt_model[0], pt_model[1])
     embeddings = {'PT': corpus.embeddings, 'PT+rephrase': corpus.embeddings,
-                  'aligned': _aligned_index(ctx, stage_dir, corpus, aligned_model)}
+                  'aligned': aligned_index(ctx, stage_dir, corpus, aligned_model)}
     summary = {**corpus.summary, 'index_pt': config.mine.embeddings_dir or
                os.path.join(ctx.workdir, 'mine', 'index'),
                'index_aligned': os.path.join(stage_dir, 'aligned_index'),
@@ -94,20 +107,17 @@ def eval_corpus(ctx, stage_dir: str, pt_model, aligned_model,
                                queries=corpus.queries('eval'), summary=summary)
 
 
-def _aligned_index(ctx, stage_dir: str, corpus, aligned_model) -> np.ndarray:
+def aligned_index(ctx, stage_dir: str, corpus, aligned_model) -> retrieval_index.IndexRows:
   """The aligned model's embeddings of the corpus index's rows, built (over the mesh,
-  resumable) under stage_dir/aligned_index."""
+  resumable) under stage_dir/aligned_index; reused when already there (the search server
+  reads eval/aligned_index, or builds serve/aligned_index when eval embedded held-out images
+  instead)."""
   cfg, params, _ = aligned_model
   folder = os.path.join(stage_dir, 'aligned_index')
   ids = corpus.ids.astype(str)
-  retrieval_index.embed_corpus(
-      retrieval_index.image_embed_fn(cfg, params, mesh=ctx.mesh, rules=ctx.config.rules),
-      lambda rows: corpus.images(rows)[0], ids, folder,
-      fingerprint=retrieval_index.fingerprint_params(params),
-      batch_size=corpus_index.embed_batch_size(ctx.mesh, len(ids)), mesh=ctx.mesh,
-      rules=ctx.config.rules)
-  aligned_emb, aligned_ids = retrieval_index.load_index(folder, dtype=np.float32)
-  if aligned_ids.astype(str).tolist() != ids.tolist():   # (embed_corpus keeps the order)
+  corpus_index.embed_into(ctx, cfg, params, lambda rows: corpus.images(rows)[0], ids, folder)
+  aligned_emb = retrieval_index.open_index(folder)   # rows read on demand
+  if aligned_emb.ids.astype(str).tolist() != ids.tolist():   # (embed_corpus keeps the order)
     raise ValueError(f'{folder}: the aligned index\'s ids are not the corpus rows\' ids')
   return aligned_emb
 

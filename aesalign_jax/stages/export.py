@@ -7,7 +7,7 @@ import os
 
 from absl import logging
 
-from aesalign_jax import checkpointing
+from aesalign_jax import checkpointing, multihost
 from aesalign_jax.models import hf
 from aesalign_jax.stages import cache, context
 
@@ -22,8 +22,10 @@ def run(ctx, inputs: dict) -> str:
   def run_export(stage_dir):
     cfg, params, tok = context.load_model_folder(source)
     hf_dir = os.path.join(stage_dir, 'hf')
-    hf.save_hf_folder(cfg, params, hf_dir)
-    tok.save(hf_dir)
+    if multihost.is_writer():
+      hf.save_hf_folder(cfg, params, hf_dir)
+      tok.save(hf_dir)
+    # orbax: every process calls it (it synchronises them); the primary process writes.
     checkpointing.save_params(os.path.join(stage_dir, 'params'), params)
     summary = {'hf_folder': hf_dir, 'params': os.path.join(stage_dir, 'params')}
     if 'logit_bias' in params:

@@ -4,12 +4,13 @@ aesthetic model to it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 from absl import logging
 
-from aesalign_jax import embed, mining, rephrase, retrieval
+from aesalign_jax import embed, mining, multihost, rephrase, retrieval
 from aesalign_jax.stages import cache, context, corpus_index
 from input_pipeline import preference
 
@@ -41,22 +42,21 @@ def run(ctx, inputs: dict) -> str:
     cfg, params, tok = context.load_model_folder(model_folder, config.model)
     corpus = corpus_index.indexed_corpus(ctx, cfg, params)
     mine_queries = queries(config.mine, ctx.corpus)
-    with rephrase.make_rephraser(config.rephrase,
-                                 os.path.join(stage_dir, 'rephrase_cache.jsonl')) as rephraser:
-      rephrased = rephraser.rephrase_batch(mine_queries)
+    rephrased = rephrase_shared(config.rephrase, mine_queries, stage_dir)
     embedder = embed.Embedder(cfg, params, tok)
     result = mining.mine(
         mine_queries, rephrased.texts, text_embed=embedder.texts, corpus=corpus.embeddings,
         ids=corpus.ids.astype(str), c=config.mine, u=u, v=v,
         aesthetic_fn=corpus_index.aesthetic_scores_fn(config.aesthetics, iap_weights, corpus),
         truth=None if config.mine.queries_path else corpus.truth,
-        searcher=retrieval.make_searcher(config.retrieval, ctx.mesh))
-    preference.write_groups(out, result.groups)
+        searcher=retrieval.make_searcher(config.retrieval, ctx.mesh, across_processes=True))
     summary = {**result.summary, **corpus.summary, 'rephrase': rephrased.summary(),
                'dpo_path': out}
-    with open(os.path.join(stage_dir, 'summary.json'), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
-    print_summary(summary)
+    if multihost.is_writer():   # one D_po file, in query order whatever the process count
+      preference.write_groups(out, result.groups)
+      with open(os.path.join(stage_dir, 'summary.json'), 'w', encoding='utf-8') as f:
+        json.dump(summary, f, indent=2)
+      print_summary(summary)
     return summary
 
   sections = {'model': cache.fingerprint_file(model_folder),
@@ -72,6 +72,21 @@ def run(ctx, inputs: dict) -> str:
     sections['iap_clip'] = cache.fingerprint_file(config.aesthetics.iap.clip_folder)
   cache.cached_stage('mine', ctx.workdir, sections, run_mine)
   return out
+
+
+def rephrase_shared(rephrase_config, all_queries: list[str], stage_dir: str):
+  """Every query's rephrasing (a RephraseResult), each query sent to the rephraser once in
+  the whole run: each process rephrases its block of the queries (multihost.share) through
+  its own cache file, and the blocks are gathered in query order."""
+  start, stop = multihost.share(len(all_queries))
+  name = ('rephrase_cache.jsonl' if multihost.count() == 1 else
+          f'rephrase_cache.process{multihost.index()}-of-{multihost.count()}.jsonl')
+  with rephrase.make_rephraser(rephrase_config, os.path.join(stage_dir, name)) as rephraser:
+    part = rephraser.rephrase_batch(all_queries[start:stop])
+  if multihost.count() == 1:
+    return part
+  return rephrase.concat_results([rephrase.RephraseResult(**r) for r in
+                                  multihost.allgather(dataclasses.asdict(part))])
 
 
 def print_summary(s: dict) -> None:

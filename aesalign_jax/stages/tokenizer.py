@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from aesalign_jax import multihost
 from aesalign_jax import tokenizer as tokenizer_lib
 from aesalign_jax.stages import cache
 
@@ -23,6 +24,8 @@ def run(ctx, inputs: dict) -> str:
   corpus = ctx.corpus
 
   def train(stage_dir):
+    if not multihost.is_writer():   # one process trains it; the others read its folder
+      return {}
     captions = corpus.captions(np.arange(min(len(corpus), MAX_CAPTIONS)))
     trained = tokenizer_lib.train_bpe(captions, vocab_size=tok.vocab_size, folder=stage_dir,
                                       context_length=tok.context_length,
