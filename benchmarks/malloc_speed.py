@@ -43,7 +43,8 @@ print(json.dumps({{'step_s': (t1 - t0) / n, 'user_s': (r1.ru_utime - r0.ru_utime
 """
 
 
-def _child(env: dict, *, batch: int, steps: int, overrides: dict) -> dict:
+def run_child(env: dict, *, batch: int, steps: int, overrides: dict) -> dict:
+  """One child process with `env`: per-step wall, user and system seconds, minor faults, loss."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = CHILD.format(batch=batch, steps=steps, overrides=json.dumps(overrides))
   proc = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
@@ -62,7 +63,7 @@ def compare(*, batch: int = 128, steps: int = 20, rounds: int = 3,
   runs = {name: [] for name in envs}
   for _ in range(rounds):
     for name, env in envs.items():
-      runs[name].append(_child(env, batch=batch, steps=steps, overrides=overrides))
+      runs[name].append(run_child(env, batch=batch, steps=steps, overrides=overrides))
   losses = {name: {r['loss'] for r in rs} for name, rs in runs.items()}
   if losses['tuned'] != losses['system']:
     raise AssertionError(f'the malloc settings changed the loss: {losses}')

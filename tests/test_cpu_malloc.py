@@ -46,29 +46,13 @@ def test_existing_tunables_are_kept_and_the_opt_out_is_respected():
   assert out == ['started', 'tunables '], out
 
 
-FAULTS = """
-    import resource
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    from aesalign_jax import train
-    from aesalign_jax.models import clip
-    from benchmarks import steps
-    cfg = clip.preset('tiny', vision_layers=2, text_layers=2)
-    c = train.default_config('pretrain')
-    c.batch_size = 64
-    step = steps.TrainStep(cfg, c, 'pretrain', {'pairs': steps.random_pairs(cfg, 64)})
-    for _ in range(3):
-      step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-      step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
-"""
-
-
 def test_tunables_stop_xla_steps_from_faulting_their_buffers_in():
-  without = int(_run(FAULTS, **{cpu_malloc.OPT_OUT: 'system'}))
-  with_tunables = int(_run(FAULTS, GLIBC_TUNABLES=cpu_malloc.MALLOC_TUNABLES))
+  from benchmarks import malloc_speed
+  clean = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  faults = lambda env: malloc_speed.run_child(
+      env, batch=64, steps=5, overrides={'vision_layers': 2, 'text_layers': 2})['minor_faults']
+  without = faults({**clean, cpu_malloc.OPT_OUT: 'system'})
+  with_tunables = faults(cpu_malloc.tuned_env(clean))
   # Without: each train step faults its temporaries in, 4 KiB at a time. Measured here:
   # 15,973 faults per step without, 2,967 with (the default job's batch 128 and 4 layers:
   # 59,000 and 0).
