@@ -180,7 +180,9 @@ class MetricLogger:
     self._compile_steps_left = compile_steps
     self._stream = stream
     self._clock = clock
-    self._first_step = True
+    # A fresh run logs its first step (early feedback); a resumed one logs on the interval
+    # boundaries only, so that its records average the same steps as an uninterrupted run's.
+    self._first_step = start_step == 0
     self._reset_interval()
     self._last_time = clock()
     self._tb = self._jsonl = self._bar = None

@@ -1,7 +1,8 @@
-"""The tiny model's pretrain step with aesalign_jax/cpu_malloc.py's glibc settings vs the
-system malloc: wall time, CPU time and page faults per step.
+"""aesalign_jax/cpu_malloc.py's glibc settings vs the system malloc, two ways: the tiny
+model's pretrain step alone in a process (wall time, CPU time and page faults per step), and
+the default job's pretrain stage through main.py (s/step with its data pipeline running).
 
-  python -m benchmarks.malloc_speed [--quick]
+  python -m benchmarks.malloc_speed [--quick] [--job]
 
 The settings only act at process start, so each side runs in child processes, alternated
 (tuned, system, tuned, system, ...): a noisy machine then slows both alike. The two sides must
@@ -16,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from aesalign_jax import cpu_malloc
 
@@ -58,8 +60,7 @@ def compare(*, batch: int = 128, steps: int = 20, rounds: int = 3,
             overrides: dict | None = None) -> dict:
   """`rounds` alternations of a tuned child and a system-malloc child; medians per side."""
   overrides = overrides or {}
-  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  envs = {'tuned': cpu_malloc.tuned_env(base), 'system': {**base, cpu_malloc.OPT_OUT: 'system'}}
+  envs = _envs()
   runs = {name: [] for name in envs}
   for _ in range(rounds):
     for name, env in envs.items():
@@ -77,11 +78,52 @@ def compare(*, batch: int = 128, steps: int = 20, rounds: int = 3,
           'loss': losses['tuned'].pop()}
 
 
+def _envs() -> dict:
+  base = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', cpu_malloc.OPT_IN)}
+  return {'tuned': cpu_malloc.tuned_env(base), 'system': base}
+
+
+def run_job(env: dict, workdir: str, *, steps: int) -> dict:
+  """main.py's default config, pretrain stage only, `steps` steps: s/step over the second half
+  (the logger's last record) and the final loss."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={workdir}',
+       '--mode=pretrain', f'--config.pretrain.steps={steps}',
+       f'--config.pretrain.log_every={steps // 2}'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+  if proc.returncode:
+    raise RuntimeError(f'malloc_speed job failed: {proc.stderr[-1500:]}')
+  with open(os.path.join(workdir, 'pretrain', 'metrics.jsonl'), encoding='utf-8') as f:
+    last = [json.loads(line) for line in f][-1]
+  return {'step_s': last['time/step_s'], 'loss': last['loss']}
+
+
+def compare_job(*, steps: int = 100, rounds: int = 2) -> dict:
+  """`rounds` alternations of the default job's pretrain stage, tuned and system; medians."""
+  runs = {name: [] for name in _envs()}
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(rounds):
+      for name, env in _envs().items():
+        runs[name].append(run_job(env, os.path.join(tmp, f'{name}{r}'), steps=steps))
+  losses = {name: {x['loss'] for x in rs} for name, rs in runs.items()}
+  if losses['tuned'] != losses['system']:
+    raise AssertionError(f'the malloc settings changed the loss: {losses}')
+  med = {name: statistics.median(x['step_s'] for x in rs) for name, rs in runs.items()}
+  return {'steps': steps, 'rounds': rounds, 'tunables': cpu_malloc.MALLOC_TUNABLES,
+          'tuned_step_s': med['tuned'], 'system_step_s': med['system'],
+          'system_over_tuned': med['system'] / med['tuned'],
+          'runs': {name: [x['step_s'] for x in rs] for name, rs in runs.items()}}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--job', action='store_true', help='the default job\'s pretrain stage')
   args = parser.parse_args()
-  if args.quick:
+  if args.job:
+    r = compare_job(steps=20 if args.quick else 100, rounds=1 if args.quick else 2)
+  elif args.quick:
     r = compare(batch=16, steps=3, rounds=1, overrides={'vision_layers': 1, 'text_layers': 1})
   else:
     r = compare()

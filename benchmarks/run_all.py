@@ -24,6 +24,7 @@ the settings of each row say its sizes):
   train_step_bf16_vs_fp32       that step with model.dtype bfloat16 vs float32 (>= 2)
   train_step_vs_open_clip_bf16  ours bf16 vs open_clip under bf16 autocast (>= 1)
   malloc_tunables               tiny pretrain step, cpu_malloc's glibc settings vs system malloc
+  malloc_tunables_job           the same in the default job's pretrain stage (main.py)
   xla_cpu_bf16_dot              bf16 vs fp32 matmul through XLA:CPU, best XLA_FLAGS (>= 2)
   train_step_bf16_host_matmul   ViT-B/32 step with Dense matmuls on torch's bf16 kernel
   corpus_embedding              embed_corpus end to end vs the jitted embedding alone
@@ -35,10 +36,6 @@ the settings of each row say its sizes):
 """
 
 from __future__ import annotations
-
-if __name__ == '__main__':   # measured as main.py runs: with aesalign_jax/cpu_malloc.py's settings
-  from aesalign_jax import cpu_malloc
-  cpu_malloc.reexec_with_tunables()
 
 import argparse
 import datetime
@@ -172,23 +169,30 @@ def bench_vit_b32(quick: bool) -> list:
 def bench_malloc(quick: bool) -> list:
   from benchmarks import malloc_speed  # pylint: disable=g-import-not-at-top
   from aesalign_jax import cpu_malloc  # pylint: disable=g-import-not-at-top
-  name = 'malloc_tunables'
-  compared = ('tiny pretrain step (batch 128) in child processes, alternated: glibc malloc '
-              'settings of aesalign_jax/cpu_malloc.py (main.py applies them) vs the system '
-              'malloc')
-  if not cpu_malloc.applies():
-    return [not_run(name, compared, 'skipped: needs Linux with glibc')]
-  if quick:   # two more jax processes; tests/test_cpu_malloc.py runs the same comparison
-    return [not_run(name, compared, 'skipped: a quick run (tests/test_cpu_malloc.py measures '
-                    'it)')]
+  name, job_name = 'malloc_tunables', 'malloc_tunables_job'
+  compared = ('tiny pretrain step (batch 128) alone in child processes, alternated: the opt-in '
+              'glibc malloc settings of aesalign_jax/cpu_malloc.py vs the system malloc')
+  job_compared = ("the default job's pretrain stage (main.py, 100 steps, data pipeline "
+                  'running), alternated: the same settings vs the system malloc')
+  if not cpu_malloc.supported():
+    return [not_run(n, c, 'skipped: needs Linux with glibc')
+            for n, c in ((name, compared), (job_name, job_compared))]
+  if quick:   # more jax processes; tests/test_cpu_malloc.py runs the step comparison
+    return [not_run(n, c, 'skipped: a quick run (tests/test_cpu_malloc.py measures the step)')
+            for n, c in ((name, compared), (job_name, job_compared))]
   r = malloc_speed.compare()
+  j = malloc_speed.compare_job()
   return [row(name, compared, measure('tuned', r['tuned']['step_s'], 's/step'),
               measure('system malloc', r['system']['step_s'], 's/step'),
               r['system_over_tuned'], 'system s / tuned s (> 1: the settings are faster)',
               settings={'batch': r['batch'], 'steps': r['steps'], 'rounds': r['rounds'],
                         'faults_per_step': [round(r['tuned']['minor_faults']),
                                             round(r['system']['minor_faults'])]},
-              details=r)]
+              details=r),
+          row(job_name, job_compared, measure('tuned', j['tuned_step_s'], 's/step'),
+              measure('system malloc', j['system_step_s'], 's/step'),
+              j['system_over_tuned'], 'system s / tuned s (> 1: the settings are faster)',
+              settings={'steps': j['steps'], 'rounds': j['rounds']}, details=j)]
 
 
 def bench_cpu_bf16(quick: bool) -> list:
@@ -338,14 +342,16 @@ BENCHMARKS: dict[str, tuple[Callable[[bool], list], tuple, str]] = {
     'transformers': (bench_transformers, ('fwd_bwd_vs_transformers',),
                      'forward + backward, ours vs transformers'),
     'gpu': (bench_gpu, ('gpu_step',), 'GPU train-step MFU'),
-    'malloc': (bench_malloc, ('malloc_tunables',), 'glibc malloc settings vs system malloc'),
+    'malloc': (bench_malloc, ('malloc_tunables', 'malloc_tunables_job'),
+               'glibc malloc settings vs system malloc'),
     'cpu_bf16': (bench_cpu_bf16, ('xla_cpu_bf16_dot', 'train_step_bf16_host_matmul'),
                  'bf16 on the CPU: XLA flags, a host matmul through torch'),
 }
 # Table order: the issue's list.
 ORDER = ('dpo_listwise_vs_pairwise', 'dpo_listwise_vs_online_ref', 'train_step_mfu_tiny',
          'train_step_mfu_vit_b32', 'train_step_vs_open_clip', 'train_step_bf16_vs_fp32',
-         'train_step_vs_open_clip_bf16', 'malloc_tunables', 'xla_cpu_bf16_dot',
+         'train_step_vs_open_clip_bf16', 'malloc_tunables_job', 'malloc_tunables',
+         'xla_cpu_bf16_dot',
          'train_step_bf16_host_matmul',
          'corpus_embedding', 'topk_vs_faiss',
          'pairs_pipeline_vs_pretrain_step', 'groups_pipeline_vs_align_step',

@@ -53,19 +53,26 @@ class Run:
 def launch(args: list, *, logs, processes: int = 2, devices: int = 2, timeout: float = 600,
            env: Optional[dict] = None, name: str = 'run',
            watch: Optional[Callable[[list], None]] = None, grace: float = 10.0,
-           same_collectives: bool = True) -> Run:
+           same_collectives: bool = True, threads: Optional[int] = None) -> Run:
   """Runs `python main.py *args` as `processes` processes of `devices` CPU devices each.
 
   logs: folder for the logs (<name>.process<i>.log). watch(popens): called every 0.2 s while
   they run (e.g. to kill one). A process that exits non-zero gets the others stopped after
   `grace` seconds; past `timeout` all are killed (timed_out). same_collectives: a single
   process initialises jax.distributed too, with gloo, so that its cross-device sums are the
-  multi-process run's, bit for bit."""
+  multi-process run's, bit for bit. threads: XLA:CPU's intra-op thread count in every
+  process (default: the global device count, so that it is the same for every split of the
+  same devices)."""
   os.makedirs(logs, exist_ok=True)
   port = free_port()
   base_env = dict(os.environ, **(env or {}))
   base_env['JAX_PLATFORMS'] = 'cpu'
   base_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  # XLA:CPU's thread pool has max(cores, local devices) threads, and Eigen's matmul blocking
+  # depends on it: measured, the IAP head trained on one device gets other last bits in a
+  # process of 4 devices than of 2 on this 2-core machine. Hosts of one slice have the same
+  # cores; PJRT_NPROC (read by PJRT's DefaultThreadPoolSize) makes these processes alike.
+  base_env['PJRT_NPROC'] = str(threads or processes * devices)
   popens, paths = [], []
   for i in range(processes):
     command = [sys.executable, os.path.join(ROOT, 'main.py'), *args]
