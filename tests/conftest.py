@@ -1,24 +1,11 @@
 """Shared fixtures, each built once per session: the smoke run of main.py, and a tiny CLIP
 pretrained on the embedded world."""
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
-# One persistent compilation cache for the session, set before jax is imported so that this
-# process and every main.py / worker subprocess (they inherit the environment) share it: the
-# suite compiles the same small programs many times (the smoke job, the train steps). Cold at
-# the start of each session, removed at its end; a cached executable is the same program, so
-# no result moves. Measured: tests/test_train_resume.py 126 -> 106 s.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix='aesalign_test_xla_cache_')
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import numpy as np
 import pytest
 from absl import flags
